@@ -1,0 +1,519 @@
+"""The one analysis pipeline shared by the Lightning callback and the checkpoint runner.
+
+``views -> encoder (-> resampler) -> PCA-RGB images + cross-view metrics``. The
+encoder and resampler forwards run under whatever context the caller set (the
+callback wraps them in the precision plugin's ``forward_context``); everything
+after them runs without autocast, in float32, on the features' device. A number
+logged live and a number computed later from a checkpoint therefore come from
+the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from panoviz_callback import metrics as _m
+from panoviz_callback._checks import _check_choice, _check_range
+from panoviz_callback.correspondence import patch_correspondence, warp_pairs
+from panoviz_callback.features import TokenFeatures, apply_resampler, extract_features
+from panoviz_callback.pca import PCAState, pca_rgb
+from panoviz_callback.views import ViewSet
+
+__all__ = ["METRICS", "LEVELS", "MetricResult", "LevelResult", "AnalysisResult", "Analyzer", "analyze"]
+
+#: Metric names, in report order (the keys of :attr:`LevelResult.metrics`).
+METRICS = (
+    "token_cosine", "overlap_cosine", "hungarian_cosine", "hungarian_accuracy",
+    "linear_cka", "debiased_cka", "ssim", "lpips",
+)
+#: Level names: the encoder's tokens and the resampler's output.
+LEVELS = ("vision_encoder", "resampled")
+_BG_MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")
+_NEEDS_OVERLAP = ("overlap_cosine", "hungarian_accuracy", "ssim", "lpips")
+_IMAGE_METRICS = ("ssim", "lpips")
+
+_NO_OVERLAP = "not applicable: the views of this crop strategy do not overlap"
+_NO_POSITION = "not applicable: query tokens have no spatial position"
+_NO_PAIRS = "not applicable: the crop strategy gives no view pairs"
+_METRIC_IMAGE_MIN = 64  # PCA images are upsampled (bilinear) to >= 64 px for SSIM / LPIPS
+
+
+@dataclass
+class MetricResult:
+    """One metric of one level: per-pair values and their summary, or the reason it was skipped.
+
+    Attributes:
+        per_pair: one value per pair of :attr:`ViewSet.pairs` (NaN where undefined, e.g.
+            a pair without overlap while other pairs overlap).
+        mean: mean over the defined pairs.
+        std: population standard deviation over the defined pairs.
+        skipped: why the metric was not computed (then the other fields are None).
+    """
+
+    per_pair: list[float] | None = None
+    mean: float | None = None
+    std: float | None = None
+    skipped: str | None = None
+
+    @classmethod
+    def from_values(cls, values: Sequence[float], reason_if_empty: str) -> MetricResult:
+        """Summarise ``values``; skipped with ``reason_if_empty`` when none is finite."""
+        values = [float(v) for v in values]
+        finite = [v for v in values if math.isfinite(v)]
+        if not finite:
+            return cls(skipped=reason_if_empty)
+        mean = sum(finite) / len(finite)
+        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+        return cls(per_pair=values, mean=mean, std=std)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"per_pair", "mean", "std"}`` (NaN as None) or ``{"skipped": reason}``."""
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        per_pair = [v if math.isfinite(v) else None for v in self.per_pair or []]
+        return {"per_pair": per_pair, "mean": self.mean, "std": self.std}
+
+
+@dataclass
+class LevelResult:
+    """The analysis of one level (``"vision_encoder"`` or ``"resampled"``).
+
+    Attributes:
+        name: the level name.
+        features: the token features (float32) and their layout.
+        pca_images: ``(V, 3, gh, gw)`` in ``[0, 1]``, or ``(V, 3, 1, Q)`` strips for query tokens.
+        fg_mask: ``(V, N)`` bool, the tokens the PCA treated as foreground.
+        metrics: ``{metric name: MetricResult}`` in :data:`METRICS` order.
+    """
+
+    name: str
+    features: TokenFeatures
+    pca_images: Tensor
+    fg_mask: Tensor
+    metrics: dict[str, MetricResult] = field(default_factory=dict)
+
+    @property
+    def spatial(self) -> bool:
+        """True when the tokens lie on a grid of the view (False for query tokens)."""
+        return self.features.layout == "grid" and self.features.grid_hw is not None
+
+
+@dataclass
+class AnalysisResult:
+    """Everything one analysis produced.
+
+    Attributes:
+        views: the views that were analysed (on the analysis device).
+        levels: ``{"vision_encoder": LevelResult, "resampled": LevelResult}`` (the latter
+            only with a resampler).
+        pca_states: the PCA state per level (pass back for stable colours).
+        timings: seconds per stage (``"encoder"``, ``"resampler"``, ``"LEVEL/pca"``,
+            ``"LEVEL/METRIC"``, ``"LEVEL/correspondence"``, ``"LEVEL/warp"``, ``"total"``).
+    """
+
+    views: ViewSet
+    levels: dict[str, LevelResult]
+    pca_states: dict[str, PCAState]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float]:
+        """``{"LEVEL/METRIC": mean}`` for every metric that was computed (skipped ones left out)."""
+        return {
+            f"{level}/{name}": float(m.mean)
+            for level, res in self.levels.items()
+            for name, m in res.metrics.items()
+            if m.skipped is None and m.mean is not None
+        }
+
+    def to_dict(self, image: Any = None, checkpoint: Any = None) -> dict[str, Any]:
+        """The ``similarity_NAME.json`` dict (schema in :mod:`panoviz_callback.report`); JSON-serialisable.
+
+        Args:
+            image: the probe image path to record (``None``: in-memory probe).
+            checkpoint: the checkpoint path to record.
+        """
+        views = [
+            {"yaw_deg": float(c.yaw_deg), "pitch_deg": float(c.pitch_deg), "fov_deg": float(c.fov_deg), "kind": c.kind}
+            for c in self.views.cameras
+        ]
+        levels = {
+            name: {
+                "token_grid": [int(v) for v in res.features.grid_hw] if res.spatial else None,
+                "metrics": {metric: m.to_dict() for metric, m in res.metrics.items()},
+            }
+            for name, res in self.levels.items()
+        }
+        return {
+            "image": None if image is None else str(image),
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "crop_strategy": self.views.strategy,
+            "views": views,
+            "pairs": [[int(i), int(j)] for i, j in self.views.pairs],
+            "levels": levels,
+        }
+
+
+class _Timer:
+    """Wall-clock stage timer; synchronises CUDA first so that stages are not smeared."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float]) -> None:
+        self.device = device
+        self.timings = timings
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _float32_numerics(device: torch.device) -> Iterator[None]:
+    """Autocast off (CPU and the features' device) and float32 as the default dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        with contextlib.ExitStack() as stack:
+            for device_type in {"cpu", device.type}:
+                with contextlib.suppress(RuntimeError):  # device types without autocast support
+                    stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _module_device(module: Any) -> torch.device | None:
+    if isinstance(module, torch.nn.Module):
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return None
+
+
+def _metric_images(images: Tensor) -> Tensor:
+    """Upsample ``(V, 3, gh, gw)`` PCA images (bilinear) so the shorter side is >= 64 px, by an integer factor."""
+    gh, gw = images.shape[-2:]
+    factor = max(1, math.ceil(_METRIC_IMAGE_MIN / min(gh, gw)))
+    return F.interpolate(images, scale_factor=factor, mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+class Analyzer:
+    """Holds the analysis settings and the PCA state across calls (stable colours between epochs).
+
+    Args:
+        layer: hidden-state index of the encoder (``-1``: the model's ``last_hidden_state``,
+            i.e. after SigLIP's post-layernorm; negative and positive indices work).
+        keep_cls_token: keep the prefix tokens (CLS, registers) in the encoder level.
+        n_components: PCA components (1 gives a grey map; more than 3 draws the first 3).
+        bg_removal: background handling of the PCA, one of
+            ``("threshold", "remove_first_pc", "outlier_removal", "none")``.
+        bg_threshold: the first-PC threshold of ``"threshold"``, in ``[0, 1]``.
+        metrics: the metric names to compute (None: all of :data:`METRICS`; ``()``: none).
+        stable_colors: keep each level's PCA state and align the next fit to it.
+        freeze_pca: with ``stable_colors``, reuse the first basis instead of refitting.
+        normalize: pixel normalisation for the encoder: ``"auto"`` (from the model type),
+            ``(mean, std)`` or None (the encoder gets ``[0, 1]`` pixels).
+        lpips_metric: an :class:`~panoviz_callback.metrics.LPIPSMetric` to use (None: one is
+            built on first use, only if ``"lpips"`` is requested).
+
+    Raises:
+        ValueError: an option is out of range or names an unknown mode or metric.
+        TypeError: an option has the wrong type.
+
+    Example::
+
+        >>> from panoviz_callback import make_views, synthetic_panorama  # doctest: +SKIP
+        >>> analyzer = Analyzer(metrics=["token_cosine", "overlap_cosine"])  # doctest: +SKIP
+        >>> result = analyzer(make_views(synthetic_panorama()), encoder)  # doctest: +SKIP
+        >>> result.scalars()  # doctest: +SKIP
+        {'vision_encoder/token_cosine': 0.41, 'vision_encoder/overlap_cosine': 0.87}
+    """
+
+    def __init__(
+        self,
+        *,
+        layer: int = -1,
+        keep_cls_token: bool = False,
+        n_components: int = 3,
+        bg_removal: Literal["threshold", "remove_first_pc", "outlier_removal", "none"] = "threshold",
+        bg_threshold: float = 0.5,
+        metrics: Sequence[str] | None = None,
+        stable_colors: bool = True,
+        freeze_pca: bool = False,
+        normalize: Any = "auto",
+        lpips_metric: Any = None,
+    ) -> None:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"Expected `layer` to be an int, got {type(layer).__name__}.")
+        for flag, name in ((keep_cls_token, "keep_cls_token"), (stable_colors, "stable_colors"),
+                           (freeze_pca, "freeze_pca")):
+            if not isinstance(flag, bool):
+                raise TypeError(f"Expected `{name}` to be a bool, got {type(flag).__name__}.")
+        if not isinstance(n_components, int) or isinstance(n_components, bool):
+            raise TypeError(f"Expected `n_components` to be an int, got {type(n_components).__name__}.")
+        _check_range(n_components, "n_components", 1, None)
+        _check_choice(bg_removal, _BG_MODES, "bg_removal")
+        _check_range(float(bg_threshold), "bg_threshold", 0.0, 1.0)
+        if metrics is None:
+            metrics = METRICS
+        elif isinstance(metrics, str) or not isinstance(metrics, Sequence | set | frozenset | tuple):
+            raise TypeError(f"Expected `metrics` to be a sequence of metric names, got {metrics!r}.")
+        for name in metrics:
+            _check_choice(name, METRICS, "metrics")
+        if not (normalize is None or normalize == "auto" or (isinstance(normalize, Sequence) and len(normalize) == 2)):
+            raise ValueError(f"Argument `normalize` must be 'auto', None or a (mean, std) pair, got {normalize!r}.")
+        self.layer = layer
+        self.keep_cls_token = keep_cls_token
+        self.n_components = n_components
+        self.bg_removal = bg_removal
+        self.bg_threshold = float(bg_threshold)
+        self.metrics = tuple(m for m in METRICS if m in set(metrics))
+        self.stable_colors = stable_colors
+        self.freeze_pca = freeze_pca
+        self.normalize = normalize
+        self.pca_states: dict[str, PCAState] = {}
+        self._lpips = lpips_metric
+
+    # ------------------------------------------------------------------ state
+    def settings(self) -> dict[str, Any]:
+        """The settings as plain Python types (for checkpoints and reports)."""
+        normalize = self.normalize
+        if normalize is not None and normalize != "auto":
+            normalize = [[float(v) for v in torch.as_tensor(part).flatten()] for part in normalize]
+        return {
+            "layer": self.layer, "keep_cls_token": self.keep_cls_token, "n_components": self.n_components,
+            "bg_removal": self.bg_removal, "bg_threshold": self.bg_threshold, "metrics": list(self.metrics),
+            "stable_colors": self.stable_colors, "freeze_pca": self.freeze_pca, "normalize": normalize,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"settings": ..., "pca_states": {level: PCAState.state_dict()}}``: tensors and plain types only."""
+        return {
+            "settings": self.settings(),
+            "pca_states": {level: state.state_dict() for level, state in self.pca_states.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the PCA states saved by :meth:`state_dict` (the settings stay those of ``__init__``)."""
+        if not isinstance(state, dict) or not isinstance(state.get("pca_states", {}), dict):
+            raise TypeError("Expected a dict from `Analyzer.state_dict()` with a 'pca_states' entry.")
+        self.pca_states = {
+            level: PCAState.from_state_dict(d) for level, d in state.get("pca_states", {}).items() if d is not None
+        }
+
+    def reset(self) -> None:
+        """Forget the PCA states (the next call fits fresh colours)."""
+        self.pca_states = {}
+
+    # --------------------------------------------------------------- analysis
+    def __call__(
+        self, views: ViewSet, encoder: Callable[..., Any], resampler: Callable[..., Any] | None = None, *,
+        device: torch.device | str | None = None,
+    ) -> AnalysisResult:
+        """Analyse ``views`` with ``encoder`` (and ``resampler``).
+
+        Args:
+            views: the probe's views.
+            encoder: a transformers vision model or any module/callable mapping
+                ``(V, 3, S, S)`` pixels to ``(V, N, D)`` tokens (see ``extract_features``).
+            resampler: None, or a module applied to the encoder's last-layer patch tokens.
+            device: where the pixels go (default: the encoder's device, else the views').
+                The models are not moved.
+
+        Returns:
+            An :class:`AnalysisResult`; metric values are float32-computed Python floats.
+        """
+        if not isinstance(views, ViewSet):
+            raise TypeError(f"Expected `views` to be a ViewSet, got {type(views).__name__}.")
+        if device is None:
+            device = _module_device(encoder) or views.pixels.device
+        device = torch.device(device)
+        timings: dict[str, float] = {}
+        timer = _Timer(device, timings)
+        start = time.perf_counter()
+        views = views.to(device)
+
+        with torch.no_grad():
+            with timer("encoder"):
+                feats = extract_features(encoder, views.pixels, layer=self.layer,
+                                         keep_cls_token=self.keep_cls_token, normalize=self.normalize)
+            level_feats = {"vision_encoder": feats}
+            if resampler is not None:
+                with timer("resampler"):
+                    level_feats["resampled"] = apply_resampler(resampler, self._resampler_input(encoder, views, feats))
+
+            levels: dict[str, LevelResult] = {}
+            pca_states: dict[str, PCAState] = {}
+            with _float32_numerics(device):
+                for name, level in level_feats.items():
+                    levels[name], pca_states[name] = self._analyse_level(name, _as_float32(level), views, timer)
+        if self.stable_colors:
+            self.pca_states.update(pca_states)
+        timings["total"] = time.perf_counter() - start
+        return AnalysisResult(views=views, levels=levels, pca_states=pca_states, timings=timings)
+
+    def _resampler_input(self, encoder: Any, views: ViewSet, feats: TokenFeatures) -> TokenFeatures:
+        """The encoder's last-layer patch tokens (prefix dropped), as the resampler saw them in training."""
+        if self.layer == -1:
+            if not self.keep_cls_token or feats.num_prefix_tokens == 0:
+                return feats
+            p = feats.num_prefix_tokens
+            return TokenFeatures(tokens=feats.tokens[:, p:], grid_hw=feats.grid_hw, num_prefix_tokens=p,
+                                 layout=feats.layout)
+        return extract_features(encoder, views.pixels, layer=-1, keep_cls_token=False, normalize=self.normalize)
+
+    def _analyse_level(
+        self, name: str, feats: TokenFeatures, views: ViewSet, timer: _Timer
+    ) -> tuple[LevelResult, PCAState]:
+        tokens = feats.tokens  # (V, N, D)
+        spatial = feats.layout == "grid" and feats.grid_hw is not None
+        if spatial:
+            grid = tuple(int(v) for v in feats.grid_hw)
+            prefix = feats.num_prefix_tokens if tokens.shape[1] != grid[0] * grid[1] else 0
+            grid_tokens = tokens[:, prefix:]  # (V, gh*gw, D): prefix tokens kept by keep_cls_token are not drawn
+        else:
+            grid, grid_tokens = (1, tokens.shape[1]), tokens  # a (1, Q) strip per view
+
+        previous = self.pca_states.get(name) if self.stable_colors else None
+        if previous is not None and previous.mean.shape[0] != tokens.shape[-1]:
+            previous = None  # another model: start fresh
+        with timer(f"{name}/pca"):
+            images, fg_mask, state = pca_rgb(
+                grid_tokens, grid, n_components=self.n_components, bg_removal=self.bg_removal,
+                bg_threshold=self.bg_threshold, state=previous, freeze=self.freeze_pca and previous is not None,
+            )
+        metrics = self._metrics(name, tokens, grid_tokens if spatial else None, grid if spatial else None,
+                                images, views, timer)
+        return LevelResult(name=name, features=feats, pca_images=images, fg_mask=fg_mask, metrics=metrics), state
+
+    def _metrics(
+        self, name: str, tokens: Tensor, grid_tokens: Tensor | None, grid: tuple[int, int] | None, images: Tensor,
+        views: ViewSet, timer: _Timer,
+    ) -> dict[str, MetricResult]:
+        wanted = self.metrics
+        pairs = list(views.pairs)
+        if not pairs:
+            return {m: MetricResult(skipped=_NO_PAIRS) for m in wanted}
+        out: dict[str, MetricResult] = {}
+        idx_i = torch.tensor([i for i, _ in pairs], device=tokens.device)
+        idx_j = torch.tensor([j for _, j in pairs], device=tokens.device)
+
+        corr: list[tuple[Tensor, Tensor]] | None = None
+        if grid is not None and any(m in wanted for m in _NEEDS_OVERLAP):
+            with timer(f"{name}/correspondence"):
+                corr = [patch_correspondence(views, i, j, grid) for i, j in pairs]
+        overlaps = [len(c[0]) > 0 for c in corr] if corr is not None else []
+        no_overlap_reason = _NO_POSITION if grid is None else _NO_OVERLAP
+
+        if "token_cosine" in wanted:
+            with timer(f"{name}/token_cosine"):
+                values = _m.token_cosine(tokens[idx_i], tokens[idx_j]).tolist()
+            out["token_cosine"] = MetricResult.from_values(values, "no finite value")
+        if "overlap_cosine" in wanted:
+            if corr is None or not any(overlaps):
+                out["overlap_cosine"] = MetricResult(skipped=no_overlap_reason)
+            else:
+                with timer(f"{name}/overlap_cosine"):
+                    values = _m.overlap_cosine_pairs(grid_tokens[idx_i], grid_tokens[idx_j],
+                                                     [c[0] for c in corr], [c[1] for c in corr]).tolist()
+                out["overlap_cosine"] = MetricResult.from_values(values, no_overlap_reason)
+        if "hungarian_cosine" in wanted or "hungarian_accuracy" in wanted:
+            with timer(f"{name}/hungarian_cosine"):
+                matched = [_m.hungarian_cosine(tokens[i], tokens[j]) for i, j in pairs]
+            if "hungarian_cosine" in wanted:
+                out["hungarian_cosine"] = MetricResult.from_values([float(c) for c, _ in matched], "no finite value")
+            if "hungarian_accuracy" in wanted:
+                if corr is None or not any(overlaps) or tokens.shape[1] != grid_tokens.shape[1]:
+                    reason = no_overlap_reason if corr is None or not any(overlaps) else (
+                        "not applicable: prefix tokens are kept (keep_cls_token=True)")
+                    out["hungarian_accuracy"] = MetricResult(skipped=reason)
+                else:
+                    with timer(f"{name}/hungarian_accuracy"):
+                        values = [_m.hungarian_accuracy(cols, ci, cj, grid) if ok else math.nan
+                                  for (_, cols), (ci, cj), ok in zip(matched, corr, overlaps)]
+                    out["hungarian_accuracy"] = MetricResult.from_values(values, no_overlap_reason)
+        for metric, fn in (("linear_cka", _m.linear_cka), ("debiased_cka", _m.debiased_cka)):
+            if metric in wanted:
+                with timer(f"{name}/{metric}"):
+                    values = [float(fn(tokens[i], tokens[j])) for i, j in pairs]
+                out[metric] = MetricResult.from_values(values, "no finite value")
+        if any(m in wanted for m in _IMAGE_METRICS):
+            out.update(self._image_metrics(name, images, views, pairs, idx_i, corr, overlaps, no_overlap_reason,
+                                           timer))
+        return {m: out[m] for m in METRICS if m in out}
+
+    def _image_metrics(
+        self, name: str, images: Tensor, views: ViewSet, pairs: list[tuple[int, int]], idx_i: Tensor,
+        corr: list[tuple[Tensor, Tensor]] | None, overlaps: list[bool], reason: str, timer: _Timer,
+    ) -> dict[str, MetricResult]:
+        wanted = [m for m in _IMAGE_METRICS if m in self.metrics]
+        if corr is None or not any(overlaps):
+            return {m: MetricResult(skipped=reason) for m in wanted}
+        lpips = None
+        if "lpips" in wanted:
+            if self._lpips is None:
+                self._lpips = _m.LPIPSMetric()
+            lpips = self._lpips
+        with timer(f"{name}/warp"):
+            big = _metric_images(images)  # (V, 3, h, w)
+            warped, mask = warp_pairs(big, views, pairs)  # (P, 3, h, w), (P, h, w)
+            ref = big[idx_i]
+        defined = torch.tensor(overlaps, device=mask.device)[:, None, None]
+        mask = mask & defined
+        out = {}
+        if "ssim" in wanted:
+            with timer(f"{name}/ssim"):
+                values = _m.ssim(ref, warped, mask).tolist()
+            out["ssim"] = MetricResult.from_values(values, "not applicable: the overlaps are too small for the "
+                                                           "SSIM window")
+        if lpips is not None:
+            if lpips.skipped is not None:
+                out["lpips"] = MetricResult(skipped=lpips.skipped)
+            else:
+                with timer(f"{name}/lpips"):
+                    values = lpips(ref, warped, mask).tolist()
+                out["lpips"] = MetricResult.from_values(values, reason)
+        return out
+
+
+def _as_float32(feats: TokenFeatures) -> TokenFeatures:
+    if feats.tokens.dtype == torch.float32:
+        return feats
+    return TokenFeatures(tokens=feats.tokens.float(), grid_hw=feats.grid_hw,
+                         num_prefix_tokens=feats.num_prefix_tokens, layout=feats.layout)
+
+
+def analyze(
+    views: ViewSet, encoder: Callable[..., Any], resampler: Callable[..., Any] | None = None, *,
+    device: torch.device | str | None = None, pca_states: dict[str, PCAState] | None = None, **settings: Any,
+) -> AnalysisResult:
+    """One-shot analysis: ``Analyzer(**settings)(views, encoder, resampler, device=device)``.
+
+    Args:
+        views: the probe's views.
+        encoder: the vision encoder (see :class:`Analyzer`).
+        resampler: optional resampler.
+        device: where the pixels go (default: the encoder's device).
+        pca_states: ``{level: PCAState}`` from an earlier result, to keep its colours.
+        **settings: the keyword arguments of :class:`Analyzer`.
+    """
+    analyzer = Analyzer(**settings)
+    if pca_states:
+        analyzer.pca_states = dict(pca_states)
+    return analyzer(views, encoder, resampler, device=device)

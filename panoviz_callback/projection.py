@@ -1,0 +1,455 @@
+"""Sphere <-> pixel geometry for every camera kind, and batched sampling of equirectangular images.
+
+Convention:
+    The same as py360convert's ``e2p`` (version 1.0.4 checked numerically), so results can be
+    cross-checked against it.
+
+    - Equirectangular (ERP) image ``(C, H, W)``: the pixel centre of column ``x`` has longitude
+      ``lon = ((x + 0.5) / W - 0.5) * 360`` degrees, row ``y`` has latitude
+      ``lat = (0.5 - (y + 0.5) / H) * 180``. Row 0 is the top (north). Longitude 0 is the centre of
+      the image and grows to the right. Columns wrap around the +-180 deg seam; the row above row 0
+      is row 0 shifted by ``W // 2`` columns (the neighbour across the pole), likewise below ``H - 1``.
+    - World frame: x right, y up, z forward (lon 0, lat 0). ``lon = atan2(x, z)``,
+      ``lat = atan2(y, hypot(x, z))``.
+    - Camera: ``yaw_deg`` looks at longitude ``yaw_deg`` (positive yaw turns right, towards +x),
+      positive ``pitch_deg`` looks up. Camera-to-world rotation ``R = R_y(yaw) @ R_x(pitch)``, its
+      columns are the camera's right, up and forward axes. ``e2p(u_deg=yaw_deg, v_deg=pitch_deg)``
+      (py360convert negates ``u`` internally; the result is the same direction).
+    - Pixel coordinates ``(x, y)``: pixel centres at integers, x to the right, y down; an image of
+      width ``w`` spans ``[-0.5, w - 0.5]``. An image of another resolution covering the same view
+      (a token grid, a PCA image) maps to view pixels by ``x_view = (x_img + 0.5) * S / w_img - 0.5``.
+    - Perspective cameras (kinds ``"tile"``, ``"face"``): the centres of the edge pixels lie at
+      +-fov/2, i.e. ``tan_x = tan(fov/2) * (2 x / (w - 1) - 1)`` and
+      ``tan_y = tan(vfov/2) * (1 - 2 y / (h - 1))`` (py360convert's ``linspace(-tan, tan, w)``).
+    - Windows (kind ``"window"``): a raw lon/lat crop of the ERP, linear in angle; the pixel *edges*
+      lie at +-fov/2 (it is a crop of whole pixels): ``lon = yaw + ((x + 0.5) / w - 0.5) * fov``,
+      ``lat = pitch - ((y + 0.5) / h - 0.5) * vfov``.
+    - Global (kind ``"global"``): the whole ERP (360 x 180 deg) resized to ``S x hc`` with
+      ``hc = round(S / 2)`` and letterboxed into ``S x S`` (black bars, ``top = (S - hc) // 2``
+      rows above); yaw and pitch are ignored.
+    - "Inside" a camera means strictly inside its field of view, shrunk by a relative 1e-6: a point
+      on the edge shared by two cube faces is inside neither, so cube faces never correspond.
+    - ``grid_sample``: normalised coordinates with ``align_corners=False``, i.e.
+      ``g = (x + 0.5) / w * 2 - 1`` for pixel coordinate ``x``; the ERP is sampled unpadded with
+      ``padding_mode="border"`` and the few bilinear samples within half a pixel of the seam or a
+      pole are recomputed with wrapped / across-the-pole neighbours (exactly py360convert's
+      one-pixel padding), so the full panorama is never copied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Literal, NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from panoviz_callback._checks import _check_choice, _check_range
+
+__all__ = [
+    "CameraLike",
+    "lonlat_to_direction",
+    "direction_to_lonlat",
+    "camera_rotation",
+    "pixel_to_direction",
+    "direction_to_pixel",
+    "erp_to_perspective",
+    "sample_views",
+    "clear_cache",
+]
+
+PERSPECTIVE_KINDS = ("tile", "face")
+_KINDS = ("global", "tile", "face", "window")
+_MODES = ("bilinear", "nearest")
+_INSIDE_EPS = 1e-6
+_CACHE_SIZE = 16
+
+
+class CameraLike(Protocol):
+    """Anything with the fields of :class:`panoviz_callback.views.Camera`."""
+
+    yaw_deg: float
+    pitch_deg: float
+    fov_deg: float
+    kind: str
+    vfov_deg: float | None
+
+
+def lonlat_to_direction(lon_deg: Tensor, lat_deg: Tensor) -> Tensor:
+    """Unit directions for longitudes/latitudes in degrees.
+
+    Args:
+        lon_deg: ``(*)`` longitudes, 0 at the ERP centre, positive to the right.
+        lat_deg: ``(*)`` latitudes, positive up.
+
+    Returns:
+        ``(*, 3)`` unit vectors (x right, y up, z forward).
+
+    Example:
+        >>> lonlat_to_direction(torch.tensor([90.0]), torch.tensor([0.0])).round(decimals=6)
+        tensor([[1., 0., 0.]])
+    """
+    lon, lat = torch.deg2rad(lon_deg), torch.deg2rad(lat_deg)
+    return torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()], dim=-1)
+
+
+def direction_to_lonlat(dirs: Tensor) -> tuple[Tensor, Tensor]:
+    """Longitude in ``[-180, 180]`` and latitude in ``[-90, 90]`` (degrees) of ``(*, 3)`` directions."""
+    x, y, z = dirs.unbind(-1)
+    return torch.rad2deg(torch.atan2(x, z)), torch.rad2deg(torch.atan2(y, torch.hypot(x, z)))
+
+
+def camera_rotation(yaw_deg: Tensor, pitch_deg: Tensor) -> Tensor:
+    """Camera-to-world rotations ``R_y(yaw) @ R_x(pitch)``.
+
+    Args:
+        yaw_deg: ``(*)`` yaws, positive turns right.
+        pitch_deg: ``(*)`` pitches, positive looks up.
+
+    Returns:
+        ``(*, 3, 3)``; columns are the camera's right, up and forward axes in world coordinates.
+    """
+    a, p = torch.deg2rad(yaw_deg), torch.deg2rad(pitch_deg)
+    ca, sa, cp, sp = a.cos(), a.sin(), p.cos(), p.sin()
+    zero = torch.zeros_like(a)
+    right = torch.stack([ca, zero, -sa], dim=-1)
+    up = torch.stack([-sp * sa, cp, -sp * ca], dim=-1)
+    forward = torch.stack([cp * sa, sp, cp * ca], dim=-1)
+    return torch.stack([right, up, forward], dim=-1)  # (*, 3, 3)
+
+
+class _Params(NamedTuple):
+    kind: Tensor  # (V,) 0 perspective, 1 window, 2 global
+    yaw: Tensor  # (V,) degrees
+    pitch: Tensor
+    fov: Tensor
+    vfov: Tensor
+
+
+def _params(cameras: Sequence[CameraLike], like: Tensor) -> _Params:
+    for cam in cameras:
+        _check_choice(cam.kind, _KINDS, "kind")
+    code = {"tile": 0, "face": 0, "window": 1, "global": 2}
+    rows = [
+        (code[c.kind], c.yaw_deg, c.pitch_deg, c.fov_deg, c.fov_deg if c.vfov_deg is None else c.vfov_deg)
+        for c in cameras
+    ]
+    t = torch.tensor(rows, dtype=like.dtype, device=like.device).reshape(-1, 5)
+    return _Params(t[:, 0].round().long(), t[:, 1], t[:, 2], t[:, 3], t[:, 4])
+
+
+def _letterbox(size: int) -> tuple[int, int]:
+    """(top, content height) of the global view's ERP inside an ``size x size`` square."""
+    hc = max(1, int(math.floor(size / 2 + 0.5)))
+    return (size - hc) // 2, hc
+
+
+def _as_batch(cameras: CameraLike | Sequence[CameraLike], pts: Tensor) -> tuple[list, Tensor, bool]:
+    single = not isinstance(cameras, Sequence)
+    cams = [cameras] if single else list(cameras)
+    return cams, (pts.unsqueeze(0) if single else pts), single
+
+
+def _bcast(p: Tensor, ndim: int) -> Tensor:
+    return p.reshape(p.shape[0], *([1] * (ndim - 1)))
+
+
+def pixel_to_direction(
+    xy: Tensor, cameras: CameraLike | Sequence[CameraLike], image_size: int
+) -> tuple[Tensor, Tensor]:
+    """Viewing directions of pixel coordinates in square ``image_size x image_size`` views.
+
+    Args:
+        xy: ``(*, 2)`` pixel coordinates for one camera, or ``(V, *, 2)`` (broadcastable, e.g.
+            ``(1, N, 2)``) for a sequence of ``V`` cameras.
+        cameras: a camera (see :class:`CameraLike`) or a sequence of them.
+        image_size: ``S``, the side of the square views.
+
+    Returns:
+        ``(dirs, valid)``: unit directions ``(..., 3)`` and a bool mask ``(...)`` that is False
+        only in the letterbox bars of a global view.
+    """
+    cams, xy, single = _as_batch(cameras, xy)
+    prm = _params(cams, xy)
+    x, y = xy[..., 0], xy[..., 1]
+    nd = x.dim()
+    kind, yaw, pitch, fov, vfov = (_bcast(p, nd) for p in prm)
+    s = float(image_size)
+    # perspective
+    tx = torch.tan(torch.deg2rad(fov) / 2) * (2 * x / (s - 1) - 1)
+    ty = torch.tan(torch.deg2rad(vfov) / 2) * (1 - 2 * y / (s - 1))
+    ray = torch.stack([tx, ty, torch.ones_like(tx)], dim=-1)
+    rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
+    d_persp = F.normalize((rot @ ray.unsqueeze(-1)).squeeze(-1), dim=-1)
+    # window
+    d_win = lonlat_to_direction(yaw + ((x + 0.5) / s - 0.5) * fov, pitch - ((y + 0.5) / s - 0.5) * vfov)
+    # global
+    top, hc = _letterbox(image_size)
+    v = (y + 0.5 - top) / hc
+    d_glob = lonlat_to_direction(((x + 0.5) / s - 0.5) * 360, (0.5 - v) * 180)
+    k = kind.unsqueeze(-1)
+    dirs = torch.where(k == 0, d_persp, torch.where(k == 1, d_win, d_glob))
+    valid = (kind != 2) | ((v >= 0) & (v <= 1))
+    valid = valid.expand(x.shape)
+    return (dirs[0], valid[0]) if single else (dirs, valid)
+
+
+def direction_to_pixel(
+    dirs: Tensor, cameras: CameraLike | Sequence[CameraLike], image_size: int
+) -> tuple[Tensor, Tensor]:
+    """Pixel coordinates of directions in square views, and whether they are inside the view.
+
+    Args:
+        dirs: ``(*, 3)`` unit directions for one camera, or ``(V, *, 3)`` (broadcastable) for a
+            sequence of ``V`` cameras.
+        cameras: a camera or a sequence of them.
+        image_size: ``S``.
+
+    Returns:
+        ``(xy, inside)``: pixel coordinates ``(..., 2)`` (finite but meaningless where a direction
+        is behind a perspective camera) and a bool mask ``(...)``: strictly inside the field of
+        view (see the module's ``Convention:``).
+    """
+    cams, dirs, single = _as_batch(cameras, dirs)
+    prm = _params(cams, dirs)
+    nd = dirs.dim() - 1
+    kind, yaw, pitch, fov, vfov = (_bcast(p, nd) for p in prm)
+    s = float(image_size)
+    # perspective
+    rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
+    cam = (rot.transpose(-1, -2) @ dirs.unsqueeze(-1)).squeeze(-1)  # world -> camera
+    cz = cam[..., 2]
+    front = cz > 1e-9
+    czs = torch.where(front, cz, torch.ones_like(cz))
+    tan_x, tan_y = torch.tan(torch.deg2rad(fov) / 2), torch.tan(torch.deg2rad(vfov) / 2)
+    tx, ty = cam[..., 0] / czs, cam[..., 1] / czs
+    xp = (tx / tan_x + 1) * (s - 1) / 2
+    yp = (1 - ty / tan_y) * (s - 1) / 2
+    in_p = front & (tx.abs() < tan_x * (1 - _INSIDE_EPS)) & (ty.abs() < tan_y * (1 - _INSIDE_EPS))
+    # window
+    lon, lat = direction_to_lonlat(dirs)
+    dlon = torch.remainder(lon - yaw + 180, 360) - 180
+    dlat = lat - pitch
+    xw = (dlon / fov + 0.5) * s - 0.5
+    yw = (0.5 - dlat / vfov) * s - 0.5
+    in_w = (dlon.abs() < fov / 2 * (1 - _INSIDE_EPS)) & (dlat.abs() < vfov / 2 * (1 - _INSIDE_EPS))
+    # global
+    top, hc = _letterbox(image_size)
+    xg = (lon / 360 + 0.5) * s - 0.5
+    yg = top + (0.5 - lat / 180) * hc - 0.5
+    x = torch.where(kind == 0, xp, torch.where(kind == 1, xw, xg))
+    y = torch.where(kind == 0, yp, torch.where(kind == 1, yw, yg))
+    inside = torch.where(kind == 0, in_p, torch.where(kind == 1, in_w, torch.ones_like(in_w)))
+    xy = torch.stack([x, y], dim=-1)
+    return (xy[0], inside[0]) if single else (xy, inside)
+
+
+class _Sampler(NamedTuple):
+    grid: Tensor  # (1, V*h, w, 2) normalised for the unpadded ERP
+    fix_out: Tensor  # (M,) flat output positions within half a pixel of the seam / a pole
+    fix_src: Tensor  # (4, M) flat ERP indices of their bilinear neighbours
+    fix_w: Tensor  # (4, M) bilinear weights
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _perspective_sampler(
+    views: tuple[tuple[float, float, float, float], ...], h: int, w: int, erp_h: int, erp_w: int, device: str,
+    dtype: torch.dtype,
+) -> _Sampler:
+    """Sampling grid for perspective views ``(yaw, pitch, hfov, vfov)`` stacked vertically."""
+    p = torch.tensor(views, dtype=torch.float64)  # (V, 4)
+    xs = torch.linspace(-1, 1, w, dtype=torch.float64)
+    ys = torch.linspace(1, -1, h, dtype=torch.float64)
+    tx = xs * torch.tan(torch.deg2rad(p[:, 2:3]) / 2)  # (V, w)
+    ty = ys * torch.tan(torch.deg2rad(p[:, 3:4]) / 2)  # (V, h)
+    ray = torch.stack(
+        [tx[:, None, :].expand(-1, h, -1), ty[:, :, None].expand(-1, -1, w), torch.ones(len(views), h, w, dtype=torch.float64)],
+        dim=-1,
+    )  # (V, h, w, 3)
+    rot = camera_rotation(p[:, 0], p[:, 1])  # (V, 3, 3)
+    dirs = torch.einsum("vij,vhwj->vhwi", rot, ray)
+    lon, lat = direction_to_lonlat(dirs)  # (V, h, w)
+    px = (lon / 360 + 0.5) * erp_w - 0.5
+    py = (0.5 - lat / 180) * erp_h - 0.5
+    grid = torch.stack([(px + 0.5) / erp_w * 2 - 1, (py + 0.5) / erp_h * 2 - 1], dim=-1)
+    grid = grid.reshape(1, len(views) * h, w, 2)
+    px, py = px.reshape(-1), py.reshape(-1)
+    fix_out = torch.nonzero((px < 0) | (px > erp_w - 1) | (py < 0) | (py > erp_h - 1)).squeeze(1)
+    fx, fy = px[fix_out], py[fix_out]
+    x0, y0 = fx.floor(), fy.floor()
+    wx, wy = fx - x0, fy - y0
+    src, wts = [], []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            yy, xx = (y0 + dy).long(), (x0 + dx).long()
+            pole = (yy < 0) | (yy > erp_h - 1)
+            xx = torch.where(pole, xx - erp_w // 2, xx).remainder(erp_w)
+            yy = yy.clamp(0, erp_h - 1)
+            src.append(yy * erp_w + xx)
+            wts.append((wy if dy else 1 - wy) * (wx if dx else 1 - wx))
+    dev = torch.device(device)
+    return _Sampler(
+        grid.to(dev, dtype), fix_out.to(dev), torch.stack(src).to(dev), torch.stack(wts).to(dev, dtype)
+    )
+
+
+def _sample_perspective(pano: Tensor, views: list[tuple[float, float, float, float]], hw: tuple[int, int], mode: str) -> Tensor:
+    """``pano (C', H, W)`` -> ``(C', V, h, w)`` with one ``grid_sample`` call."""
+    c, erp_h, erp_w = pano.shape
+    h, w = hw
+    smp = _perspective_sampler(tuple(views), h, w, erp_h, erp_w, str(pano.device), pano.dtype)
+    out = F.grid_sample(pano.unsqueeze(0), smp.grid, mode=mode, padding_mode="border", align_corners=False)
+    out = out.reshape(c, -1)  # (C', V*h*w)
+    if mode == "bilinear" and smp.fix_out.numel():
+        flat = pano.reshape(c, -1)
+        out[:, smp.fix_out] = (flat[:, smp.fix_src] * smp.fix_w).sum(dim=1)
+    return out.reshape(c, len(views), h, w)
+
+
+def _window_box(cam: CameraLike, erp_h: int, erp_w: int) -> tuple[int, int, int, int]:
+    """(first column, width, first row, height) of a window camera's crop, snapped to whole pixels."""
+    vfov = cam.fov_deg if cam.vfov_deg is None else cam.vfov_deg
+    ww = max(1, int(math.floor(cam.fov_deg * erp_w / 360 + 0.5)))
+    hh = max(1, min(erp_h, int(math.floor(vfov * erp_h / 180 + 0.5))))
+    c0 = int(math.floor(erp_w / 2 + cam.yaw_deg * erp_w / 360 - ww / 2 + 0.5))
+    r0 = int(math.floor(erp_h / 2 - cam.pitch_deg * erp_h / 180 - hh / 2 + 0.5))
+    return c0, ww, min(max(r0, 0), erp_h - hh), hh
+
+
+def _check_pano(pano: object, name: str = "pano") -> None:
+    if not isinstance(pano, Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(pano).__name__}.")
+    if pano.dim() not in (3, 4) or pano.shape[-1] < 2 or pano.shape[-2] < 2:
+        raise ValueError(f"Expected `{name}` of shape (C, H, W) or (B, C, H, W), got {tuple(pano.shape)}.")
+    if not pano.is_floating_point():
+        raise TypeError(f"Expected `{name}` to be a floating point tensor in [0, 1], got {pano.dtype}.")
+
+
+def _angles(value: float | Sequence[float] | Tensor, name: str) -> tuple[list[float], bool]:
+    if isinstance(value, Tensor):
+        if value.dim() > 1:
+            raise ValueError(f"Expected `{name}` to be a scalar or 1-D, got shape {tuple(value.shape)}.")
+        return [float(v) for v in value.reshape(-1).tolist()], value.dim() == 0
+    if isinstance(value, (int, float)):
+        return [float(value)], True
+    vals = [float(v) for v in value]
+    if not vals:
+        raise ValueError(f"Expected `{name}` to hold at least one angle, got an empty sequence.")
+    return vals, False
+
+
+def erp_to_perspective(
+    pano: Tensor,
+    yaw_deg: float | Sequence[float] | Tensor,
+    pitch_deg: float | Sequence[float] | Tensor,
+    fov_deg: float | tuple[float, float],
+    out_hw: tuple[int, int],
+    mode: Literal["bilinear", "nearest"] = "bilinear",
+) -> Tensor:
+    """Perspective views of an equirectangular panorama, like py360convert's ``e2p``.
+
+    All views are sampled with one ``grid_sample`` call on the panorama's device; the sampling grid
+    is cached per (geometry, sizes, device, dtype). Seamless across the +-180 deg seam and over the
+    poles. See the module's ``Convention:`` block.
+
+    Args:
+        pano: ``(C, H, W)`` or ``(B, C, H, W)`` floating point panorama(s).
+        yaw_deg: a scalar or ``V`` yaws (1-D sequence or tensor); positive turns right.
+        pitch_deg: a scalar or ``V`` pitches; positive looks up. Broadcast against ``yaw_deg``.
+        fov_deg: horizontal field of view, or ``(h_fov, v_fov)``; each in ``(0, 180)``.
+        out_hw: ``(h, w)`` of each view.
+        mode: ``"bilinear"`` (default) or ``"nearest"``.
+
+    Returns:
+        ``(C, h, w)`` for scalar angles or ``(V, C, h, w)``; with a batch ``(B, C, h, w)`` or
+        ``(B, V, C, h, w)``.
+
+    Raises:
+        ValueError: bad shapes, angles, sizes or mode. TypeError: a non-float panorama.
+
+    Example:
+        >>> pano = torch.rand(3, 64, 128)
+        >>> erp_to_perspective(pano, [0, 90, 180, 270], 0, 90, (32, 32)).shape
+        torch.Size([4, 3, 32, 32])
+    """
+    _check_pano(pano)
+    _check_choice(mode, _MODES, "mode")
+    yaws, yaw_scalar = _angles(yaw_deg, "yaw_deg")
+    pitches, pitch_scalar = _angles(pitch_deg, "pitch_deg")
+    if len(yaws) != len(pitches) and 1 not in (len(yaws), len(pitches)):
+        raise ValueError(f"Expected `yaw_deg` and `pitch_deg` of the same length, got {len(yaws)} and {len(pitches)}.")
+    n = max(len(yaws), len(pitches))
+    yaws, pitches = yaws * (n // len(yaws)), pitches * (n // len(pitches))
+    hfov, vfov = (fov_deg, fov_deg) if isinstance(fov_deg, (int, float)) else tuple(fov_deg)
+    _check_range(float(hfov), "fov_deg", 0, 180, low_inclusive=False, high_inclusive=False)
+    _check_range(float(vfov), "fov_deg", 0, 180, low_inclusive=False, high_inclusive=False)
+    h, w = (int(v) for v in out_hw)
+    _check_range(min(h, w), "out_hw", 2)
+    batched = pano.dim() == 4
+    b, c, erp_h, erp_w = pano.shape if batched else (1, *pano.shape)
+    views = [(y, p, float(hfov), float(vfov)) for y, p in zip(yaws, pitches)]
+    out = _sample_perspective(pano.reshape(b * c, erp_h, erp_w), views, (h, w), mode)  # (B*C, V, h, w)
+    out = out.reshape(b, c, n, h, w).transpose(1, 2).contiguous()  # (B, V, C, h, w)
+    if yaw_scalar and pitch_scalar:
+        out = out[:, 0]
+    return out if batched else out[0]
+
+
+def sample_views(
+    pano: Tensor, cameras: Sequence[CameraLike], image_size: int, mode: Literal["bilinear", "nearest"] = "bilinear"
+) -> Tensor:
+    """Render square views of any camera kind from an equirectangular panorama.
+
+    Perspective cameras (tile/face) are sampled together with one ``grid_sample`` (no
+    antialiasing, like py360convert); windows are crops of whole ERP pixels (wrapping around the
+    seam; a window camera is snapped to pixel edges) resized to ``S`` with antialiasing; the global
+    view is the whole ERP resized with antialiasing and letterboxed (black bars).
+
+    Args:
+        pano: ``(C, H, W)`` or ``(B, C, H, W)`` floating point panorama(s).
+        cameras: ``V`` cameras (see :class:`CameraLike`).
+        image_size: ``S``.
+        mode: interpolation of the perspective views.
+
+    Returns:
+        ``(V, C, S, S)`` or ``(B, V, C, S, S)``.
+    """
+    _check_pano(pano)
+    _check_choice(mode, _MODES, "mode")
+    _check_range(image_size, "image_size", 2)
+    batched = pano.dim() == 4
+    b, c, erp_h, erp_w = pano.shape if batched else (1, *pano.shape)
+    flat = pano.reshape(b * c, erp_h, erp_w)
+    s = int(image_size)
+    out = flat.new_zeros(b * c, len(cameras), s, s)
+    params = _params(cameras, torch.empty(0, dtype=torch.float64))
+    persp = [k for k, cam in enumerate(cameras) if cam.kind in PERSPECTIVE_KINDS]
+    if persp:
+        views = [(cameras[k].yaw_deg, cameras[k].pitch_deg, float(params.fov[k]), float(params.vfov[k])) for k in persp]
+        out[:, persp] = _sample_perspective(flat, views, (s, s), mode)
+    groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    for k, cam in enumerate(cameras):
+        if cam.kind == "window":
+            c0, ww, r0, hh = _window_box(cam, erp_h, erp_w)
+            groups.setdefault((ww, r0, hh), []).append((k, c0))
+    for (ww, r0, hh), members in groups.items():
+        cols = (torch.tensor([c0 for _, c0 in members])[:, None] + torch.arange(ww)).remainder(erp_w)
+        crop = flat[:, r0:r0 + hh].index_select(2, cols.reshape(-1).to(pano.device))  # (C', hh, n*ww)
+        crop = crop.reshape(b * c, hh, len(members), ww).permute(2, 0, 1, 3)  # (n, C', hh, ww)
+        res = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        out[:, [k for k, _ in members]] = res.transpose(0, 1)
+    glob = [k for k, cam in enumerate(cameras) if cam.kind == "global"]
+    if glob:
+        top, hc = _letterbox(s)
+        res = F.interpolate(flat.unsqueeze(0), size=(hc, s), mode="bilinear", antialias=True, align_corners=False)[0]
+        out[:, glob, top:top + hc] = res.unsqueeze(1)
+    out = out.reshape(b, c, len(cameras), s, s).transpose(1, 2).contiguous()  # (B, V, C, S, S)
+    return out if batched else out[0]
+
+
+def clear_cache() -> None:
+    """Drop the cached sampling grids (for example after moving to another device)."""
+    _perspective_sampler.cache_clear()
