@@ -10,10 +10,12 @@ shell: it builds its network once and reports itself as skipped when the
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -38,13 +40,38 @@ __all__ = [
 _EPS = 1e-8
 
 
+def _full_precision(fn: Callable) -> Callable:
+    """Run ``fn`` with autocast off, so a caller's mixed-precision context cannot lower the metrics to fp16."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(device_type):
+                    stack.enter_context(torch.autocast(device_type, enabled=False))
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _unit(x: Tensor) -> Tensor:
     return F.normalize(x.float(), dim=-1, eps=_EPS)
 
 
 def _check_same(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
-        raise ValueError(f"Expected `{name_a}` and `{name_b}` of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise ValueError(
+            f"Expected `{name_a}` and `{name_b}` of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}."
+        )
+
+
+def _check_mask(mask: Tensor | None, images: Tensor) -> None:
+    if mask is None:
+        return
+    _check_shape(mask, "P h w", "mask")
+    want = (images.shape[0], *images.shape[2:])
+    if mask.dtype != torch.bool or mask.shape != want:
+        raise ValueError(f"Expected a bool `mask` of shape {want}, got {mask.dtype} {tuple(mask.shape)}.")
 
 
 def _check_index_pair(idx_a: Tensor, idx_b: Tensor, n_a: int, n_b: int) -> None:
@@ -59,10 +86,11 @@ def _check_index_pair(idx_a: Tensor, idx_b: Tensor, n_a: int, n_b: int) -> None:
             raise ValueError(f"Expected `{name}` in [0, {n}), got values in [{int(idx.min())}, {int(idx.max())}].")
 
 
+@_full_precision
 def token_cosine(a: Tensor, b: Tensor) -> Tensor:
-    """Mean cosine similarity of tokens at the same index, per pair.
+    r"""Mean cosine similarity of tokens at the same index, per pair.
 
-    .. math:: \\mathrm{tc}(A, B) = \\frac{1}{N} \\sum_{n=1}^{N} \\frac{a_n \\cdot b_n}{\\lVert a_n \\rVert \\lVert b_n \\rVert}
+    .. math:: \mathrm{tc}(A, B) = \frac{1}{N} \sum_{n=1}^{N} \frac{a_n \cdot b_n}{\lVert a_n \rVert \lVert b_n \rVert}
 
     Args:
         a: tokens of the first view of every pair, ``(P, N, D)``.
@@ -86,9 +114,9 @@ def token_cosine(a: Tensor, b: Tensor) -> Tensor:
 
 
 def overlap_cosine(a: Tensor, b: Tensor, idx_a: Tensor, idx_b: Tensor) -> Tensor:
-    """Mean cosine of corresponding tokens: ``a[idx_a[k]]`` and ``b[idx_b[k]]`` see the same scene point.
+    r"""Mean cosine of corresponding tokens: ``a[idx_a[k]]`` and ``b[idx_b[k]]`` see the same scene point.
 
-    .. math:: \\mathrm{oc} = \\frac{1}{K} \\sum_{k=1}^{K} \\cos(a_{i_k}, b_{j_k})
+    .. math:: \mathrm{oc} = \frac{1}{K} \sum_{k=1}^{K} \cos(a_{i_k}, b_{j_k})
 
     Args:
         a: tokens of view i, ``(N, D)``.
@@ -113,6 +141,7 @@ def overlap_cosine(a: Tensor, b: Tensor, idx_a: Tensor, idx_b: Tensor) -> Tensor
     return overlap_cosine_pairs(a[None], b[None], [idx_a], [idx_b])[0]
 
 
+@_full_precision
 def overlap_cosine_pairs(a: Tensor, b: Tensor, idx_a: Sequence[Tensor], idx_b: Sequence[Tensor]) -> Tensor:
     """:func:`overlap_cosine` for ``P`` pairs at once (one gather, one scatter: no loop over tokens).
 
@@ -144,13 +173,14 @@ def overlap_cosine_pairs(a: Tensor, b: Tensor, idx_a: Sequence[Tensor], idx_b: S
     return sums / lengths.float()  # 0 / 0 = NaN where a pair has no overlap
 
 
+@_full_precision
 def hungarian_cosine(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean cosine after the optimal one-to-one matching of the tokens of two views.
+    r"""Mean cosine after the optimal one-to-one matching of the tokens of two views.
 
-    The assignment :math:`\\pi` maximises the total cosine (scipy's
+    The assignment :math:`\pi` maximises the total cosine (scipy's
     ``linear_sum_assignment`` on the CPU, the cosine matrix is computed on the device):
 
-    .. math:: \\mathrm{hc} = \\max_{\\pi} \\frac{1}{\\min(N, M)} \\sum_{n} \\cos(a_n, b_{\\pi(n)})
+    .. math:: \mathrm{hc} = \max_{\pi} \frac{1}{\min(N, M)} \sum_{n} \cos(a_n, b_{\pi(n)})
 
     It is order-free (it works for query tokens) and at least the token cosine
     when ``N == M``, since the identity is one of the matchings.
@@ -232,15 +262,17 @@ def _centred(x: Tensor, name: str) -> Tensor:
     return x - x.mean(0, keepdim=True)
 
 
+@_full_precision
 def linear_cka(x: Tensor, y: Tensor) -> Tensor:
-    """Linear centred kernel alignment (Kornblith et al., 2019).
+    r"""Linear centred kernel alignment (Kornblith et al., 2019).
 
-    With column-centred :math:`X \\in \\mathbb{R}^{N \\times D_1}`, :math:`Y \\in \\mathbb{R}^{N \\times D_2}`:
+    With column-centred :math:`X \in \mathbb{R}^{N \times D_1}`, :math:`Y \in \mathbb{R}^{N \times D_2}`:
 
-    .. math:: \\mathrm{CKA}(X, Y) = \\frac{\\lVert Y^\\top X \\rVert_F^2}{\\lVert X^\\top X \\rVert_F \\, \\lVert Y^\\top Y \\rVert_F}
-        = \\frac{\\langle X X^\\top, Y Y^\\top \\rangle_F}{\\lVert X X^\\top \\rVert_F \\, \\lVert Y Y^\\top \\rVert_F}
+    .. math::
+        \mathrm{CKA}(X, Y) = \frac{\lVert Y^\top X \rVert_F^2}{\lVert X^\top X \rVert_F \, \lVert Y^\top Y \rVert_F}
+        = \frac{\langle X X^\top, Y Y^\top \rangle_F}{\lVert X X^\top \rVert_F \, \lVert Y Y^\top \rVert_F}
 
-    (the Gram form on the right is used when ``N`` is smaller than the feature
+    (the Gram form, second line, is used when ``N`` is smaller than the feature
     dimension: same value, fewer operations). Invariant to orthogonal maps,
     isotropic scaling and translation of either input, not to general linear maps.
     This estimator is biased upwards when ``N`` is not much larger than ``D``:
@@ -278,18 +310,19 @@ def _unbiased_hsic(k: Tensor, l: Tensor) -> Tensor:
     return (trace + k1.sum() * l1.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (k1 @ l1)) / (n * (n - 3))
 
 
+@_full_precision
 def debiased_cka(x: Tensor, y: Tensor) -> Tensor:
-    """Linear CKA with the unbiased HSIC estimator (Song et al., 2012; Nguyen et al., 2021).
+    r"""Linear CKA with the unbiased HSIC estimator (Song et al., 2012; Nguyen et al., 2021).
 
-    With linear Gram matrices :math:`K = X X^\\top`, :math:`L = Y Y^\\top` whose diagonals
-    are set to zero (:math:`\\tilde K`, :math:`\\tilde L`):
+    With linear Gram matrices :math:`K = X X^\top`, :math:`L = Y Y^\top` whose diagonals
+    are set to zero (:math:`\tilde K`, :math:`\tilde L`):
 
     .. math::
-        \\mathrm{HSIC}_1(K, L) = \\frac{1}{N (N - 3)} \\Big[ \\mathrm{tr}(\\tilde K \\tilde L)
-        + \\frac{\\mathbf 1^\\top \\tilde K \\mathbf 1 \\; \\mathbf 1^\\top \\tilde L \\mathbf 1}{(N - 1)(N - 2)}
-        - \\frac{2}{N - 2} \\mathbf 1^\\top \\tilde K \\tilde L \\mathbf 1 \\Big]
+        \mathrm{HSIC}_1(K, L) = \frac{1}{N (N - 3)} \Big[ \mathrm{tr}(\tilde K \tilde L)
+        + \frac{\mathbf 1^\top \tilde K \mathbf 1 \; \mathbf 1^\top \tilde L \mathbf 1}{(N - 1)(N - 2)}
+        - \frac{2}{N - 2} \mathbf 1^\top \tilde K \tilde L \mathbf 1 \Big]
 
-    .. math:: \\mathrm{dCKA}(X, Y) = \\frac{\\mathrm{HSIC}_1(K, L)}{\\sqrt{\\mathrm{HSIC}_1(K, K) \\, \\mathrm{HSIC}_1(L, L)}}
+    .. math:: \mathrm{dCKA}(X, Y) = \frac{\mathrm{HSIC}_1(K, L)}{\sqrt{\mathrm{HSIC}_1(K, K) \, \mathrm{HSIC}_1(L, L)}}
 
     Unlike :func:`linear_cka` it is close to 0 for independent features even when
     ``N`` is small compared to ``D`` (it can be slightly negative).
@@ -326,11 +359,12 @@ def _gaussian_window(sigma: float, device: torch.device) -> Tensor:
     return (w / w.sum()).float().to(device)
 
 
+@_full_precision
 def ssim(
     img_a: Tensor, img_b: Tensor, mask: Tensor | None = None, *, data_range: float = 1.0, sigma: float = 1.5,
     erode_mask: bool = True,
 ) -> Tensor:
-    """Mean structural similarity (Wang et al., 2004) per pair, batched.
+    r"""Mean structural similarity (Wang et al., 2004) per pair, batched.
 
     Gaussian-weighted statistics (``sigma=1.5``, an 11 x 11 window as scikit-image
     truncates it), ``K1=0.01``, ``K2=0.03``, population covariances; the SSIM map of
@@ -340,7 +374,9 @@ def ssim(
     gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1,
     channel_axis=-1)``.
 
-    .. math:: \\mathrm{SSIM} = \\frac{(2 \\mu_a \\mu_b + C_1)(2 \\sigma_{ab} + C_2)}{(\\mu_a^2 + \\mu_b^2 + C_1)(\\sigma_a^2 + \\sigma_b^2 + C_2)}
+    .. math::
+        \mathrm{SSIM} = \frac{(2 \mu_a \mu_b + C_1)(2 \sigma_{ab} + C_2)}
+        {(\mu_a^2 + \mu_b^2 + C_1)(\sigma_a^2 + \sigma_b^2 + C_2)}
 
     Mask: the map is averaged over the valid pixels where ``mask`` is true. With
     ``erode_mask=True`` (default) a pixel only counts when the mask is true in its
@@ -371,13 +407,10 @@ def ssim(
     _check_range(sigma, "sigma", 0, None, low_inclusive=False)
     win = _gaussian_window(sigma, img_a.device)
     k, r = win.numel(), win.numel() // 2
-    n_pairs, chans, h, w = img_a.shape
+    chans, (h, w) = img_a.shape[1], img_a.shape[2:]
     if h < k or w < k:
         raise ValueError(f"Expected images of at least {k} x {k} px for the SSIM window, got {h} x {w}.")
-    if mask is not None:
-        _check_shape(mask, "P h w", "mask")
-        if mask.dtype != torch.bool or mask.shape != (n_pairs, h, w):
-            raise ValueError(f"Expected a bool `mask` of shape {(n_pairs, h, w)}, got {mask.dtype} {tuple(mask.shape)}.")
+    _check_mask(mask, img_a)
 
     a, b = img_a.float(), img_b.float()
     stats = torch.cat([a, b, a * a, b * b, a * b], dim=1)  # (P, 5C, h, w)
@@ -494,12 +527,7 @@ class LPIPSMetric:
         _check_shape(a, "P 3 h w", "a")
         _check_shape(b, "P 3 h w", "b")
         _check_same(a, b, "a", "b")
-        if mask is not None:
-            _check_shape(mask, "P h w", "mask")
-            if mask.dtype != torch.bool or mask.shape != (a.shape[0], *a.shape[2:]):
-                raise ValueError(
-                    f"Expected a bool `mask` of shape {(a.shape[0], *a.shape[2:])}, got {mask.dtype} {tuple(mask.shape)}."
-                )
+        _check_mask(mask, a)
         if self._model is None:
             return None
         model = self._model.to(a.device)

@@ -121,6 +121,12 @@ def camera_rotation(yaw_deg: Tensor, pitch_deg: Tensor) -> Tensor:
     return torch.stack([right, up, forward], dim=-1)  # (*, 3, 3)
 
 
+def _rotate(rot: Tensor, vec: Tensor) -> Tensor:
+    """``rot (*, 3, 3) @ vec (*, 3)`` with broadcasting, as three multiply-adds (small batched
+    matmuls and einsum are slow on CPU)."""
+    return vec[..., 0:1] * rot[..., 0] + vec[..., 1:2] * rot[..., 1] + vec[..., 2:3] * rot[..., 2]
+
+
 class _Params(NamedTuple):
     kind: Tensor  # (V,) 0 perspective, 1 window, 2 global
     yaw: Tensor  # (V,) degrees
@@ -183,7 +189,7 @@ def pixel_to_direction(
     ty = torch.tan(torch.deg2rad(vfov) / 2) * (1 - 2 * y / (s - 1))
     ray = torch.stack([tx, ty, torch.ones_like(tx)], dim=-1)
     rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
-    d_persp = F.normalize((rot @ ray.unsqueeze(-1)).squeeze(-1), dim=-1)
+    d_persp = F.normalize(_rotate(rot, ray), dim=-1)
     # window
     d_win = lonlat_to_direction(yaw + ((x + 0.5) / s - 0.5) * fov, pitch - ((y + 0.5) / s - 0.5) * vfov)
     # global
@@ -220,7 +226,7 @@ def direction_to_pixel(
     s = float(image_size)
     # perspective
     rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
-    cam = (rot.transpose(-1, -2) @ dirs.unsqueeze(-1)).squeeze(-1)  # world -> camera
+    cam = _rotate(rot.transpose(-1, -2), dirs)  # world -> camera
     cz = cam[..., 2]
     front = cz > 1e-9
     czs = torch.where(front, cz, torch.ones_like(cz))
@@ -248,9 +254,10 @@ def direction_to_pixel(
 
 
 class _Sampler(NamedTuple):
-    grid: Tensor  # (1, V*h, w, 2) normalised for the unpadded ERP
-    fix_out: Tensor  # (M,) flat output positions within half a pixel of the seam / a pole
-    fix_src: Tensor  # (4, M) flat ERP indices of their bilinear neighbours
+    grid: Tensor  # (V, h, w, 2) normalised for the unpadded ERP
+    fix_view: Tensor  # (M,) view of each sample within half a pixel of the seam or a pole
+    fix_pix: Tensor  # (M,) its flat pixel position in the view
+    fix_src: Tensor  # (4 * M,) flat ERP indices of its bilinear neighbours
     fix_w: Tensor  # (4, M) bilinear weights
 
 
@@ -259,26 +266,23 @@ def _perspective_sampler(
     views: tuple[tuple[float, float, float, float], ...], h: int, w: int, erp_h: int, erp_w: int, device: str,
     dtype: torch.dtype,
 ) -> _Sampler:
-    """Sampling grid for perspective views ``(yaw, pitch, hfov, vfov)`` stacked vertically."""
+    """Sampling grid for perspective views ``(yaw, pitch, hfov, vfov)``."""
     p = torch.tensor(views, dtype=torch.float64)  # (V, 4)
-    xs = torch.linspace(-1, 1, w, dtype=torch.float64)
-    ys = torch.linspace(1, -1, h, dtype=torch.float64)
-    tx = xs * torch.tan(torch.deg2rad(p[:, 2:3]) / 2)  # (V, w)
-    ty = ys * torch.tan(torch.deg2rad(p[:, 3:4]) / 2)  # (V, h)
+    n = len(views)
+    tx = torch.linspace(-1, 1, w, dtype=torch.float64) * torch.tan(torch.deg2rad(p[:, 2:3]) / 2)  # (V, w)
+    ty = torch.linspace(1, -1, h, dtype=torch.float64) * torch.tan(torch.deg2rad(p[:, 3:4]) / 2)  # (V, h)
     ray = torch.stack(
-        [tx[:, None, :].expand(-1, h, -1), ty[:, :, None].expand(-1, -1, w), torch.ones(len(views), h, w, dtype=torch.float64)],
+        [tx[:, None, :].expand(-1, h, -1), ty[:, :, None].expand(-1, -1, w), torch.ones(n, h, w, dtype=torch.float64)],
         dim=-1,
     )  # (V, h, w, 3)
-    rot = camera_rotation(p[:, 0], p[:, 1])  # (V, 3, 3)
-    dirs = torch.einsum("vij,vhwj->vhwi", rot, ray)
+    dirs = _rotate(camera_rotation(p[:, 0], p[:, 1])[:, None, None], ray)  # (V, h, w, 3)
     lon, lat = direction_to_lonlat(dirs)  # (V, h, w)
     px = (lon / 360 + 0.5) * erp_w - 0.5
     py = (0.5 - lat / 180) * erp_h - 0.5
-    grid = torch.stack([(px + 0.5) / erp_w * 2 - 1, (py + 0.5) / erp_h * 2 - 1], dim=-1)
-    grid = grid.reshape(1, len(views) * h, w, 2)
+    grid = torch.stack([(px + 0.5) / erp_w * 2 - 1, (py + 0.5) / erp_h * 2 - 1], dim=-1)  # (V, h, w, 2)
     px, py = px.reshape(-1), py.reshape(-1)
-    fix_out = torch.nonzero((px < 0) | (px > erp_w - 1) | (py < 0) | (py > erp_h - 1)).squeeze(1)
-    fx, fy = px[fix_out], py[fix_out]
+    fix = torch.nonzero((px < 0) | (px > erp_w - 1) | (py < 0) | (py > erp_h - 1)).squeeze(1)
+    fx, fy = px[fix], py[fix]
     x0, y0 = fx.floor(), fy.floor()
     wx, wy = fx - x0, fy - y0
     src, wts = [], []
@@ -292,21 +296,24 @@ def _perspective_sampler(
             wts.append((wy if dy else 1 - wy) * (wx if dx else 1 - wx))
     dev = torch.device(device)
     return _Sampler(
-        grid.to(dev, dtype), fix_out.to(dev), torch.stack(src).to(dev), torch.stack(wts).to(dev, dtype)
+        grid.to(dev, dtype), (fix // (h * w)).to(dev), (fix % (h * w)).to(dev), torch.cat(src).to(dev),
+        torch.stack(wts).to(dev, dtype),
     )
 
 
 def _sample_perspective(pano: Tensor, views: list[tuple[float, float, float, float]], hw: tuple[int, int], mode: str) -> Tensor:
-    """``pano (C', H, W)`` -> ``(C', V, h, w)`` with one ``grid_sample`` call."""
+    """``pano (C', H, W)`` -> ``(V, C', h, w)`` with one ``grid_sample`` call (the panorama is not copied)."""
     c, erp_h, erp_w = pano.shape
     h, w = hw
+    n = len(views)
     smp = _perspective_sampler(tuple(views), h, w, erp_h, erp_w, str(pano.device), pano.dtype)
-    out = F.grid_sample(pano.unsqueeze(0), smp.grid, mode=mode, padding_mode="border", align_corners=False)
-    out = out.reshape(c, -1)  # (C', V*h*w)
-    if mode == "bilinear" and smp.fix_out.numel():
-        flat = pano.reshape(c, -1)
-        out[:, smp.fix_out] = (flat[:, smp.fix_src] * smp.fix_w).sum(dim=1)
-    return out.reshape(c, len(views), h, w)
+    # an expanded (stride-0) batch: every view samples the same panorama without a copy
+    out = F.grid_sample(pano.unsqueeze(0).expand(n, -1, -1, -1), smp.grid, mode=mode, padding_mode="border",
+                        align_corners=False)  # (V, C', h, w)
+    if mode == "bilinear" and smp.fix_pix.numel():
+        taps = pano.reshape(c, -1).index_select(1, smp.fix_src).reshape(c, 4, -1)  # (C', 4, M)
+        out.view(n, c, h * w)[smp.fix_view, :, smp.fix_pix] = (taps * smp.fix_w).sum(dim=1).T
+    return out
 
 
 def _window_box(cam: CameraLike, erp_h: int, erp_w: int) -> tuple[int, int, int, int]:
@@ -391,8 +398,9 @@ def erp_to_perspective(
     batched = pano.dim() == 4
     b, c, erp_h, erp_w = pano.shape if batched else (1, *pano.shape)
     views = [(y, p, float(hfov), float(vfov)) for y, p in zip(yaws, pitches)]
-    out = _sample_perspective(pano.reshape(b * c, erp_h, erp_w), views, (h, w), mode)  # (B*C, V, h, w)
-    out = out.reshape(b, c, n, h, w).transpose(1, 2).contiguous()  # (B, V, C, h, w)
+    out = _sample_perspective(pano.reshape(b * c, erp_h, erp_w), views, (h, w), mode)  # (V, B*C, h, w)
+    out = out.reshape(n, b, c, h, w).transpose(0, 1)  # (B, V, C, h, w)
+    out = out if b == 1 else out.contiguous()
     if yaw_scalar and pitch_scalar:
         out = out[:, 0]
     return out if batched else out[0]
@@ -424,12 +432,15 @@ def sample_views(
     b, c, erp_h, erp_w = pano.shape if batched else (1, *pano.shape)
     flat = pano.reshape(b * c, erp_h, erp_w)
     s = int(image_size)
-    out = flat.new_zeros(b * c, len(cameras), s, s)
     params = _params(cameras, torch.empty(0, dtype=torch.float64))
     persp = [k for k, cam in enumerate(cameras) if cam.kind in PERSPECTIVE_KINDS]
-    if persp:
-        views = [(cameras[k].yaw_deg, cameras[k].pitch_deg, float(params.fov[k]), float(params.vfov[k])) for k in persp]
-        out[:, persp] = _sample_perspective(flat, views, (s, s), mode)
+    views = [(cameras[k].yaw_deg, cameras[k].pitch_deg, float(params.fov[k]), float(params.vfov[k])) for k in persp]
+    if len(persp) == len(cameras):
+        out = _sample_perspective(flat, views, (s, s), mode)  # (V, C', S, S)
+    else:
+        out = flat.new_zeros(len(cameras), b * c, s, s)
+        if persp:
+            out[persp] = _sample_perspective(flat, views, (s, s), mode)
     groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
     for k, cam in enumerate(cameras):
         if cam.kind == "window":
@@ -439,15 +450,15 @@ def sample_views(
         cols = (torch.tensor([c0 for _, c0 in members])[:, None] + torch.arange(ww)).remainder(erp_w)
         crop = flat[:, r0:r0 + hh].index_select(2, cols.reshape(-1).to(pano.device))  # (C', hh, n*ww)
         crop = crop.reshape(b * c, hh, len(members), ww).permute(2, 0, 1, 3)  # (n, C', hh, ww)
-        res = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-        out[:, [k for k, _ in members]] = res.transpose(0, 1)
+        out[[k for k, _ in members]] = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True,
+                                                     align_corners=False)
     glob = [k for k, cam in enumerate(cameras) if cam.kind == "global"]
     if glob:
         top, hc = _letterbox(s)
-        res = F.interpolate(flat.unsqueeze(0), size=(hc, s), mode="bilinear", antialias=True, align_corners=False)[0]
-        out[:, glob, top:top + hc] = res.unsqueeze(1)
-    out = out.reshape(b, c, len(cameras), s, s).transpose(1, 2).contiguous()  # (B, V, C, S, S)
-    return out if batched else out[0]
+        res = F.interpolate(flat.unsqueeze(0), size=(hc, s), mode="bilinear", antialias=True, align_corners=False)
+        out[glob, :, top:top + hc] = res  # (1, C', hc, S) broadcast over the global views
+    out = out.reshape(len(cameras), b, c, s, s).transpose(0, 1)  # (B, V, C, S, S)
+    return out.contiguous() if batched else out[0]
 
 
 def clear_cache() -> None:

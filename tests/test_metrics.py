@@ -25,16 +25,8 @@ from panoviz_callback.metrics import (
     token_cosine,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    return torch.device(request.param)
-
-
-def _t(x, device="cpu"):
-    return torch.as_tensor(np.asarray(x), device=device)
+def _t(x):
+    return torch.as_tensor(np.asarray(x))
 
 
 # ---------------------------------------------------------------- NumPy references
@@ -110,6 +102,17 @@ def test_cardinality_and_dtype(device):
     assert out.shape == (3,) and out.dtype == torch.float32 and out.device.type == device.type
     assert linear_cka(a[0], a[1]).dtype == torch.float32
     assert ssim(torch.rand(3, 1, 12, 12), torch.rand(3, 1, 12, 12)).shape == (3,)
+
+
+def test_autocast_does_not_lower_precision():
+    g = torch.Generator().manual_seed(15)
+    a, b = torch.randn(2, 32, 64, generator=g), torch.randn(2, 32, 64, generator=g)
+    img_a, img_b = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    want = (hungarian_cosine(a[0], b[0])[0], linear_cka(a[0], b[0]), ssim(img_a, img_b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (hungarian_cosine(a[0], b[0])[0], linear_cka(a[0], b[0]), ssim(img_a, img_b))
+    for g_, w_ in zip(got, want):
+        assert g_.dtype == torch.float32 and torch.equal(g_, w_)
 
 
 # ---------------------------------------------------------------- cosines
@@ -216,7 +219,8 @@ def test_hungarian_accuracy_chebyshev_and_unmatched():
     assert hungarian_accuracy(assign, torch.tensor([1]), torch.tensor([0]), (3, 3)) == 0.0
     assert hungarian_accuracy(assign, torch.tensor([2]), torch.tensor([2]), (3, 3)) == 0.0
     # token 5 is (1, 2), token 3 is (1, 0): wrap-around must not count as adjacent
-    assert hungarian_accuracy(torch.tensor([5, 0, 0, 0, 0, 0, 0, 0, 0]), torch.tensor([0]), torch.tensor([6]), (3, 3)) == 0.0
+    wrap = torch.tensor([5, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert hungarian_accuracy(wrap, torch.tensor([0]), torch.tensor([6]), (3, 3)) == 0.0
 
 
 # ---------------------------------------------------------------- CKA

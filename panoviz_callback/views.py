@@ -1,0 +1,226 @@
+"""Cameras, view sets and the four crop strategies that cut a panorama into views.
+
+Strategies (``make_views(pano, strategy, image_size, **options)``):
+
+- ``"e2p"``: perspective tiles at pitch 0, ``V = ceil(360 / (fov_deg * (1 - overlap)))`` (8 for
+  the defaults ``fov_deg=90, overlap=0.5``) unless ``num_views`` is given, yaws ``k * 360 / V``
+  starting at 0; pairs are cyclic neighbours.
+- ``"anyres_e2p"``: one global view (the whole ERP letterboxed into the square) followed by the
+  e2p tiles of every pitch row in ``pitches`` (row by row); pairs are the cyclic neighbours
+  within a row and the tiles of the same yaw in consecutive rows (as listed); the global view takes
+  part in no pair.
+- ``"cubemap"``: faces front/right/back/left (yaw 0, 90, 180, 270; ``faces=6`` adds up and down,
+  pitch +-90) at 90 deg; pairs are the faces that share an edge. They share no area, so their
+  patch correspondence is empty.
+- ``"sliding_window"``: raw ERP crops (no projection) ``fov_deg`` wide (W/4 for 90 deg), stride
+  ``fov_deg * (1 - overlap)`` (W/8), centred at yaws ``k * 360 / V``, wrapping around the seam,
+  cut to the square band around the equator (height = width in pixels, no stretching) and
+  resized to ``S x S`` with antialiasing. A window is snapped to whole ERP pixels and its camera
+  records the exact crop. Pairs are cyclic neighbours; the correspondence is an exact column shift.
+
+Every strategy accepts ``patch_size`` (default 16, ViT-B/16; only used to check that
+``image_size`` holds at least one patch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from panoviz_callback._checks import _check_choice, _check_range
+from panoviz_callback.projection import _check_pano, _window_box, sample_views
+
+__all__ = ["Camera", "ViewSet", "make_views", "STRATEGIES"]
+
+STRATEGIES = ("e2p", "anyres_e2p", "cubemap", "sliding_window")
+_KINDS = ("global", "tile", "face", "window")
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "e2p": {"fov_deg": 90.0, "overlap": 0.5, "num_views": None, "patch_size": 16},
+    "anyres_e2p": {"fov_deg": 90.0, "overlap": 0.5, "num_views": None, "pitches": (0.0,), "patch_size": 16},
+    "cubemap": {"faces": 4, "patch_size": 16},
+    "sliding_window": {"fov_deg": 90.0, "overlap": 0.5, "num_views": None, "patch_size": 16},
+}
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Where one view looks (hashable, so geometry caches can key on it).
+
+    Attributes:
+        yaw_deg: longitude of the view centre; positive turns right.
+        pitch_deg: latitude of the view centre; positive looks up.
+        fov_deg: horizontal field of view (windows: angular width; global: 360).
+        kind: ``"global"`` | ``"tile"`` | ``"face"`` | ``"window"``.
+        vfov_deg: vertical field of view; ``None`` means the same as ``fov_deg`` (square view).
+    """
+
+    yaw_deg: float
+    pitch_deg: float
+    fov_deg: float
+    kind: Literal["global", "tile", "face", "window"]
+    vfov_deg: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice(self.kind, _KINDS, "kind")
+
+
+@dataclass
+class ViewSet:
+    """Views cut from one panorama, with their cameras and the pairs the analysis compares.
+
+    Attributes:
+        pixels: ``(V, 3, S, S)`` float32 in ``[0, 1]``.
+        cameras: ``V`` :class:`Camera` records.
+        pairs: adjacent view index pairs ``(i, j)``.
+        strategy: the crop strategy.
+        image_size: ``S``.
+        options: the resolved strategy options (JSON-able).
+    """
+
+    pixels: Tensor
+    cameras: list[Camera]
+    pairs: list[tuple[int, int]]
+    strategy: str
+    image_size: int
+    options: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.cameras)
+
+    def to(self, device: torch.device | str) -> ViewSet:
+        """A copy with ``pixels`` on ``device`` (cameras and pairs are shared)."""
+        return replace(self, pixels=self.pixels.to(device))
+
+
+def _cyclic(n: int, offset: int = 0) -> list[tuple[int, int]]:
+    if n < 2:
+        return []
+    if n == 2:
+        return [(offset, offset + 1)]
+    return [(offset + k, offset + (k + 1) % n) for k in range(n)]
+
+
+def _num_views(opts: dict[str, Any]) -> int:
+    if opts["num_views"] is not None:
+        return opts["num_views"]
+    return max(1, math.ceil(360.0 / (opts["fov_deg"] * (1.0 - opts["overlap"])) - 1e-9))
+
+
+def _resolve(strategy: str, image_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    allowed = _DEFAULTS[strategy]
+    for name in options:
+        if name not in allowed:
+            raise ValueError(
+                f"Unknown option {name!r} for strategy {strategy!r}; expected one of {tuple(allowed)}."
+            )
+    opts = {**allowed, **options}
+    if "fov_deg" in opts:
+        opts["fov_deg"] = float(opts["fov_deg"])
+        _check_range(opts["fov_deg"], "fov_deg", 0, 180, low_inclusive=False, high_inclusive=False)
+        opts["overlap"] = float(opts["overlap"])
+        _check_range(opts["overlap"], "overlap", 0, 1, high_inclusive=False)
+        if opts["num_views"] is not None:
+            if isinstance(opts["num_views"], bool) or int(opts["num_views"]) != opts["num_views"]:
+                raise ValueError(f"Argument `num_views` must be a whole number >= 1, got {opts['num_views']!r}.")
+            opts["num_views"] = int(opts["num_views"])
+            _check_range(opts["num_views"], "num_views", 1)
+        opts["num_views"] = _num_views(opts)
+    if "pitches" in opts:
+        pitches = [opts["pitches"]] if isinstance(opts["pitches"], (int, float)) else list(opts["pitches"])
+        if not pitches:
+            raise ValueError("Argument `pitches` must hold at least one pitch in [-90, 90], got ().")
+        for p in pitches:
+            _check_range(float(p), "pitches", -90, 90)
+        opts["pitches"] = [float(p) for p in pitches]
+    if "faces" in opts:
+        _check_choice(opts["faces"], (4, 6), "faces")
+    _check_range(opts["patch_size"], "patch_size", 1)
+    opts["patch_size"] = int(opts["patch_size"])
+    _check_range(image_size, "image_size", opts["patch_size"])
+    return opts
+
+
+def _windows(opts: dict[str, Any], erp_h: int, erp_w: int) -> list[Camera]:
+    cams = []
+    n = opts["num_views"]
+    for k in range(n):
+        nominal = Camera(k * 360.0 / n, 0.0, opts["fov_deg"], "window")
+        c0, ww, _, _ = _window_box(nominal, erp_h, erp_w)
+        hh = min(ww, erp_h)
+        r0 = (erp_h - hh) // 2
+        yaw = ((c0 + ww / 2) / erp_w - 0.5) * 360.0
+        fov = ww * 360.0 / erp_w
+        pitch = (0.5 - (r0 + hh / 2) / erp_h) * 180.0
+        vfov = hh * 180.0 / erp_h
+        cams.append(Camera(yaw, pitch + 0.0, fov, "window", None if abs(vfov - fov) < 1e-9 else vfov))
+    return cams
+
+
+def make_views(
+    pano: Tensor,
+    strategy: Literal["e2p", "anyres_e2p", "cubemap", "sliding_window"] = "e2p",
+    image_size: int = 224,
+    **options: Any,
+) -> ViewSet:
+    """Cut a panorama into square views with one of the crop strategies (see the module docstring).
+
+    Args:
+        pano: ``(3, H, W)`` equirectangular panorama, float in ``[0, 1]`` (uint8 is scaled by 1/255).
+        strategy: ``"e2p"`` | ``"anyres_e2p"`` | ``"cubemap"`` | ``"sliding_window"``.
+        image_size: ``S``, the side of every view; at least ``patch_size``.
+        **options: per strategy:
+
+            - e2p, sliding_window: ``fov_deg`` (90, in (0, 180)), ``overlap`` (0.5, in [0, 1)),
+              ``num_views`` (derived from both when None), ``patch_size`` (16).
+            - anyres_e2p: the same plus ``pitches`` ((0,), each in [-90, 90]).
+            - cubemap: ``faces`` (4 or 6), ``patch_size``.
+
+    Returns:
+        A :class:`ViewSet` on the panorama's device, ``pixels`` ``(V, 3, S, S)`` float32.
+
+    Raises:
+        ValueError: unknown strategy or option, or an option outside its range (the message names
+            the option and the range). TypeError: ``pano`` is not a tensor.
+
+    Example:
+        >>> vs = make_views(torch.rand(3, 64, 128), "e2p", image_size=32)
+        >>> len(vs), [c.yaw_deg for c in vs.cameras][:3], vs.pairs[:2]
+        (8, [0.0, 45.0, 90.0], [(0, 1), (1, 2)])
+    """
+    _check_choice(strategy, STRATEGIES, "strategy")
+    if isinstance(pano, Tensor) and pano.dtype == torch.uint8:
+        pano = pano.float() / 255.0
+    _check_pano(pano)
+    if pano.dim() != 3 or pano.shape[0] != 3:
+        raise ValueError(f"Expected `pano` of shape (3, H, W), got {tuple(pano.shape)}.")
+    if isinstance(image_size, bool) or int(image_size) != image_size:
+        raise ValueError(f"Argument `image_size` must be a whole number, got {image_size!r}.")
+    image_size = int(image_size)
+    opts = _resolve(strategy, image_size, options)
+    _, erp_h, erp_w = pano.shape
+
+    if strategy == "cubemap":
+        cameras = [Camera(yaw, 0.0, 90.0, "face") for yaw in (0.0, 90.0, 180.0, 270.0)]
+        pairs = _cyclic(4)
+        if opts["faces"] == 6:
+            cameras += [Camera(0.0, 90.0, 90.0, "face"), Camera(0.0, -90.0, 90.0, "face")]
+            pairs += [(k, 4) for k in range(4)] + [(k, 5) for k in range(4)]
+    elif strategy == "sliding_window":
+        cameras = _windows(opts, erp_h, erp_w)
+        pairs = _cyclic(len(cameras))
+    else:
+        n = opts["num_views"]
+        pitches = opts.get("pitches", [0.0])
+        offset = 1 if strategy == "anyres_e2p" else 0
+        cameras = [Camera(0.0, 0.0, 360.0, "global", 180.0)] if offset else []
+        cameras += [Camera(k * 360.0 / n, p, opts["fov_deg"], "tile") for p in pitches for k in range(n)]
+        pairs = [pair for r in range(len(pitches)) for pair in _cyclic(n, offset + r * n)]
+        pairs += [(offset + r * n + k, offset + (r + 1) * n + k) for r in range(len(pitches) - 1) for k in range(n)]
+
+    pixels = sample_views(pano.float(), cameras, image_size).clamp_(0.0, 1.0)  # (V, 3, S, S)
+    return ViewSet(pixels, cameras, pairs, strategy, image_size, opts)
