@@ -34,10 +34,11 @@ _HOOKS = ("train_epoch_end", "validation_epoch_end")
 _NO_RESAMPLER = ("none",)
 
 _ENCODER_NAMES = ("vision_encoder", "vision_tower", "vision_model", "vision_backbone.encoder", "visual",
-                  "image_encoder", "encoder")
+                  "image_encoder")
 _RESAMPLER_NAMES = ("resampler", "resampler_module.resampler", "mm_projector", "multi_modal_projector")
-#: Attribute paths tried in order by ``encoder="auto"`` (first the module's own, then under ``model``).
-ENCODER_SEARCH = _ENCODER_NAMES + tuple(f"model.{name}" for name in _ENCODER_NAMES)
+#: Attribute paths tried in order by ``encoder="auto"`` (the module's own, then under ``model``; the generic
+#: name ``encoder`` last).
+ENCODER_SEARCH = _ENCODER_NAMES + tuple(f"model.{name}" for name in _ENCODER_NAMES) + ("encoder", "model.encoder")
 #: Attribute paths tried in order by ``resampler="auto"``; none found means no resampler level.
 RESAMPLER_SEARCH = _RESAMPLER_NAMES + tuple(f"model.{name}" for name in _RESAMPLER_NAMES)
 
@@ -85,7 +86,7 @@ class PanoVizCallback(Callback):
             the module's ``encoder_attr`` if it declares one, else the first of
             :data:`ENCODER_SEARCH` that exists: ``vision_encoder``, ``vision_tower``,
             ``vision_model``, ``vision_backbone.encoder``, ``visual``, ``image_encoder``,
-            ``encoder``, then the same under ``model.``.
+            then the same under ``model.``, then ``encoder`` and ``model.encoder``.
         resampler: the resampler: a dotted path, a callable, ``"auto"`` (the module's
             ``resampler_attr``, else the first of :data:`RESAMPLER_SEARCH` that exists:
             ``resampler``, ``resampler_module.resampler``, ``mm_projector``,

@@ -8,21 +8,15 @@ grid (same tokens, or a pooled grid) or a set of learned queries. :func:`load_vi
 builds an encoder offline from a config, a local ``save_pretrained`` folder, a cached hub
 name or the preset ``"tiny"``.
 
-Encoder families recognised from ``encoder.config.model_type``:
+Encoder families, recognised from ``config.model_type``; "last" (``layer=-1``) is the
+model's ``last_hidden_state``:
 
-============================  ========  ===================  ====================================
-family                        prefix    normalisation        ``layer=-1`` (``last_hidden_state``)
-============================  ========  ===================  ====================================
-SigLIP (and SigLIP2 fixed-    0         mean 0.5, std 0.5    after ``post_layernorm``
-resolution, which loads as
-SigLIP)
-SigLIP2 NaFlex                0         mean 0.5, std 0.5    after ``post_layernorm``
-CLIP                          1 (CLS)   OpenAI CLIP          output of the last block (CLIP's
-                                                             ``post_layernorm`` is for the pooled
-                                                             output only)
-DINOv2                        1 (CLS)   ImageNet             after the final ``layernorm``
-DINOv2 with registers         1 + R     ImageNet             after the final ``layernorm``
-============================  ========  ===================  ====================================
+- SigLIP (also SigLIP2 FixRes, which loads as SigLIP) and SigLIP2 NaFlex: no prefix token,
+  mean/std 0.5; last = after ``post_layernorm``.
+- CLIP (with or without projection): 1 CLS token, OpenAI CLIP mean/std; last = output of
+  the last block (CLIP's ``post_layernorm`` only feeds the pooled output).
+- DINOv2: 1 CLS token (+ ``num_register_tokens`` with registers), ImageNet mean/std;
+  last = after the final ``layernorm``.
 
 Full ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` are reduced to their
 ``vision_model``. Any other module or callable is "generic" (see :func:`extract_features`).
@@ -31,6 +25,7 @@ Full ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` are reduced to their
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import os
@@ -77,7 +72,6 @@ class TokenFeatures:
 
 @dataclass(frozen=True)
 class _Family:
-    name: str
     stats: Stats
     registers: bool = False
     cls_token: bool = False
@@ -86,11 +80,11 @@ class _Family:
 
 
 _FAMILIES = {
-    "siglip_vision_model": _Family("SigLIP", (_HALF, _HALF), fixed_size=True),
-    "siglip2_vision_model": _Family("SigLIP2", (_HALF, _HALF), naflex=True),
-    "clip_vision_model": _Family("CLIP", (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), cls_token=True, fixed_size=True),
-    "dinov2": _Family("DINOv2", (IMAGENET_MEAN, IMAGENET_STD), cls_token=True),
-    "dinov2_with_registers": _Family("DINOv2", (IMAGENET_MEAN, IMAGENET_STD), cls_token=True, registers=True),
+    "siglip_vision_model": _Family((_HALF, _HALF), fixed_size=True),
+    "siglip2_vision_model": _Family((_HALF, _HALF), naflex=True),
+    "clip_vision_model": _Family((OPENAI_CLIP_MEAN, OPENAI_CLIP_STD), cls_token=True, fixed_size=True),
+    "dinov2": _Family((IMAGENET_MEAN, IMAGENET_STD), cls_token=True),
+    "dinov2_with_registers": _Family((IMAGENET_MEAN, IMAGENET_STD), cls_token=True, registers=True),
 }
 _FULL_MODEL_TYPES = ("clip", "siglip", "siglip2")
 _TINY = {
@@ -117,8 +111,9 @@ def _resolve(encoder: Any) -> _Encoder:
     """Find the module to call (a full CLIP/SigLIP model's vision tower) and its family."""
     base = getattr(encoder, "_orig_mod", encoder)  # torch.compile wrapper
     config = getattr(base, "config", None)
-    if getattr(config, "model_type", None) in _FULL_MODEL_TYPES and isinstance(getattr(base, "vision_model", None), nn.Module):
-        encoder = base = base.vision_model
+    tower = getattr(base, "vision_model", None)
+    if getattr(config, "model_type", None) in _FULL_MODEL_TYPES and isinstance(tower, nn.Module):
+        encoder = base = tower
         config = getattr(base, "config", None)
     family = _FAMILIES.get(getattr(config, "model_type", None))
     return _Encoder(encoder, base, config, family)
@@ -261,6 +256,8 @@ def extract_features(
         out = _forward_generic(enc, x, layer)
         hidden = _main_output(out, enc.name) if layer == -1 else _generic_hidden(out, layer, enc.name)
     _check_shape(hidden, "V N D", f"{enc.name} output")
+    if hidden.shape[0] != pixels.shape[0]:
+        raise ValueError(f"Expected {enc.name} to return tokens for {pixels.shape[0]} views, got {hidden.shape[0]}.")
     tokens = hidden.float()  # (V, N, D)
     prefix = _num_prefix(enc)
     grid = _token_grid(enc, tokens.shape[1], prefix, pixels.shape[-2:], grid_hw)
@@ -276,7 +273,7 @@ def _check_grid(grid_hw: Any) -> tuple[int, int]:
 
 
 def _check_unit_range(pixels: Tensor) -> None:
-    lo, hi = float(pixels.min()), float(pixels.max())
+    lo, hi = (float(v) for v in torch.aminmax(pixels.detach()))
     if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
         raise ValueError(
             f"Expected `pixels` in [0, 1] (the encoder's normalisation is applied here), got values in "
@@ -308,9 +305,11 @@ def _forward_family(enc: _Encoder, x: Tensor, layer: int) -> Any:
     if family.naflex:
         p = int(config.patch_size)
         if h % p or w % p:
-            raise ValueError(f"Expected views of {enc.name} (NaFlex) to be divisible by the patch size {p}, got {h}x{w}.")
+            raise ValueError(f"Expected {enc.name} (NaFlex) views divisible by the patch size {p}, got {h}x{w}.")
         gh, gw = h // p, w // p
-        patches = x.reshape(v, 3, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(v, gh * gw, p * p * 3)  # (V, N, p*p*3)
+        # the image processor's patch order: row-major patches, each flattened as (p, p, 3)
+        patches = x.reshape(v, 3, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1)  # (V, gh, gw, p, p, 3)
+        patches = patches.reshape(v, gh * gw, p * p * 3)  # (V, N, p*p*3)
         kwargs["pixel_attention_mask"] = torch.ones(v, gh * gw, dtype=torch.int32, device=x.device)
         kwargs["spatial_shapes"] = torch.tensor([gh, gw], device=x.device).repeat(v, 1)  # (V, 2)
         return enc.call(pixel_values=patches, **kwargs)
@@ -552,13 +551,15 @@ def load_vision_encoder(spec: Any, *, pretrained: bool = True, **overrides: Any)
             raise ValueError(f"Expected a config dict with a 'model_type' key, got keys {sorted(spec)}.")
         return _from_config(AutoConfig.for_model(**dict(spec)), overrides)
     if not isinstance(spec, (str, os.PathLike)):
-        raise TypeError(f"Expected `spec` to be 'tiny', a config, a dict, a folder or a hub name, got {type(spec).__name__}.")
-    path = os.fspath(spec)
+        raise TypeError(
+            f"Expected `spec` to be 'tiny', a config, a dict, a folder or a hub name, got {type(spec).__name__}."
+        )
+    path = os.path.expanduser(os.fspath(spec))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"Folder '{path}' holds no config.json; expected a folder written by save_pretrained.")
         return _from_pretrained(path, pretrained, overrides)
-    if os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1:
+    if os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
         raise ValueError(f"'{path}' is not a folder; expected a folder written by save_pretrained (with config.json).")
     try:
         return _from_pretrained(path, pretrained, overrides)
@@ -579,7 +580,10 @@ def _split_overrides(config: Any, overrides: Mapping[str, Any]) -> dict[str, Any
         elif hasattr(config, key):
             setattr(config, key, value)
         else:
-            raise ValueError(f"Unknown option `{key}` for {type(config).__name__}; expected a config attribute or one of {_LOADER_KWARGS}.")
+            raise ValueError(
+                f"Unknown option `{key}` for {type(config).__name__}; expected a config attribute or one of "
+                f"{_LOADER_KWARGS}."
+            )
     return loader
 
 
@@ -590,7 +594,7 @@ def _vision_config(config: Any) -> Any:
 def _from_config(config: Any, overrides: Mapping[str, Any]) -> nn.Module:
     from transformers import AutoModel
 
-    config = _vision_config(config.__class__.from_dict(config.to_dict()))
+    config = _vision_config(copy.deepcopy(config))
     loader = _split_overrides(config, overrides)
     return AutoModel.from_config(config, **loader).eval()
 
@@ -609,7 +613,9 @@ def _from_pretrained(path: str, pretrained: bool, overrides: Mapping[str, Any]) 
         raise ValueError(f"transformers has no model class for {type(config).__name__} (from '{path}').") from None
     quiet = _quiet_transformers() if config is not full else contextlib.nullcontext()
     with quiet:
-        model, info = cls.from_pretrained(path, config=config, local_files_only=True, output_loading_info=True, **loader)
+        model, info = cls.from_pretrained(
+            path, config=config, local_files_only=True, output_loading_info=True, **loader
+        )
     missing = list(info.get("missing_keys", []))
     if missing:
         warnings.warn(

@@ -97,15 +97,14 @@ def load_panorama(
             pixels, scale, full_size = _decode(path, max_width)
         except PanoramaError:
             raise
-        except Image.DecompressionBombError as exc:
-            raise _error(path, f"the image is too large ({exc})") from exc
         except MemoryError as exc:
             raise _error(path, "not enough memory to decode it; pass a smaller `max_width`") from exc
         except Exception as exc:  # any decoder failure: report the file, never a bare PIL traceback
             raise _error(path, _reason(exc, path)) from exc
     pano = _to_tensor(pixels, scale, device)
-    if max_width is not None and pano.shape[-1] > max_width:
-        pano = _resize(pano, _target_size(pano.shape[-1], pano.shape[-2], max_width))
+    target = _target_size(*full_size, max_width)
+    if (pano.shape[-1], pano.shape[-2]) != target:  # 16-bit RGB: box-reduced on the CPU, finished here
+        pano = _resize(pano, target)
     width, height = full_size
     if abs(width / height / 2.0 - 1.0) > _ASPECT_TOLERANCE:
         warnings.warn(
@@ -132,15 +131,15 @@ def _check_file(path: str) -> None:
 
 
 def _reason(exc: Exception, path: str) -> str:
-    text = str(exc).rstrip(".") or type(exc).__name__
     if isinstance(exc, UnidentifiedImageError):
         size = _png_header_size(path)
         if size is not None and min(size) == 0:
             return f"the image has zero size ({size[0]}x{size[1]})"
         return "not a recognised image (JPEG, PNG, WebP, TIFF, ...)"
-    if "truncated" in text or isinstance(exc, (EOFError, SyntaxError)):
-        return f"the image data is truncated or corrupt ({text})"
-    return f"the image data cannot be decoded ({type(exc).__name__}: {text})"
+    text = str(exc).rstrip(".") or "no details"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"the image is too large ({text})"
+    return f"the image data is truncated or corrupt ({type(exc).__name__}: {text})"
 
 
 def _png_header_size(path: str) -> tuple[int, int] | None:
@@ -211,7 +210,7 @@ def _wide_gray(im: Image.Image, target: tuple[int, int]) -> np.ndarray:
 
 # Pillow unpacks 16-bit RGB(A) to 8 bits (the high byte). Decoding twice, once with the
 # byte order swapped, yields the low byte too; both passes run Pillow's own decoder.
-_RAW16 = re.compile(r"^(RGB|RGBA|LA);16([BLN])$")
+_RAW16 = re.compile(r"^(RGB|RGBA);16([BLN])$")  # 16-bit gray + alpha stays 8-bit (no such unpacker)
 _SWAP = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
 
 
@@ -292,7 +291,7 @@ def _resize(pano: Tensor, size: tuple[int, int]) -> Tensor:
 _ROOM_LO = (-3.6, -1.5, -3.0)
 _ROOM_HI = (4.2, 1.3, 3.4)
 _LIGHT = (0.3, 0.5, 0.2)  # point light under the ceiling lamp (which sits right above it)
-_LAMP_RADIUS = 0.35
+_LAMP_RADIUS = 0.28
 # Surface labels (``_render_scene``'s second output) = 2 * axis + (ray leaves towards +axis).
 _LEFT, _RIGHT, _FLOOR, _CEILING, _BACK, _FRONT, _OBJECT = range(7)
 _NORMALS = {_LEFT: (1, 0, 0), _RIGHT: (-1, 0, 0), _FLOOR: (0, 1, 0), _CEILING: (0, -1, 0), _BACK: (0, 0, 1),
@@ -417,11 +416,13 @@ def _render_scene(
     for face in _NORMALS:
         idx = (label == face).nonzero().squeeze(1)
         if idx.numel():
-            coords = [point[i][idx] if i != face // 2 else float(point[i][idx[0]]) for i in range(3)]
+            coords = [point[i].index_select(0, idx) if i != face // 2 else float(point[i][idx[0]]) for i in range(3)]
             mat, gain, mix = _room_materials(face, coords, objects)
-            gain = torch.where(self_lit[mat], gain, gain * _lighting(coords, _NORMALS[face]))
-            color = color_a[mat] if mix is None else torch.lerp(color_a[mat], color_b[mat], mix[:, None])
-            rgb[idx] = color * gain[:, None]
+            gain = torch.where(self_lit.index_select(0, mat), gain, gain * _lighting(coords, _NORMALS[face]))
+            color = color_a.index_select(0, mat)
+            if mix is not None:
+                color = torch.lerp(color, color_b.index_select(0, mat), mix[:, None])
+            rgb.index_copy_(0, idx, color.mul_(gain[:, None]))
     rgb, depth, label = rgb.view(k, h, w, 3), depth.view(k, h, w), label.view(k, h, w)
     for obj in objects:
         for r0, r1, c0, c1 in _pixel_regions(obj["center"], obj["radius"], h, w):

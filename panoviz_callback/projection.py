@@ -198,8 +198,7 @@ def pixel_to_direction(
     d_glob = lonlat_to_direction(((x + 0.5) / s - 0.5) * 360, (0.5 - v) * 180)
     k = kind.unsqueeze(-1)
     dirs = torch.where(k == 0, d_persp, torch.where(k == 1, d_win, d_glob))
-    valid = (kind != 2) | ((v >= 0) & (v <= 1))
-    valid = valid.expand(x.shape)
+    valid = ((kind != 2) | ((v >= 0) & (v <= 1))).expand(dirs.shape[:-1])
     return (dirs[0], valid[0]) if single else (dirs, valid)
 
 

@@ -63,6 +63,10 @@ _UPSAMPLE = ("nearest", "bilinear")
 _UNCOVERED = 0.25  # dark grey: ERP pixels that no view sees
 _DPI = 120
 _MAX_WIDTH_IN = 18.0  # 18 in x 120 dpi = 2160 px at most
+_MARGIN_IN = 0.1
+_GAP_IN = 0.08
+_TITLE_IN = 0.45
+_FIGURE_PANO_HW = (360, 720)
 _MAX_TILE_PX = 2400  # total width budget of the logged image rows
 _GAP = 4
 
@@ -103,15 +107,34 @@ def _hwc(image: Tensor) -> np.ndarray:
     return image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
-def _axes_row(axes: Sequence[Axes] | None, n: int, height_in: float) -> tuple[Figure, list[Axes]]:
-    if axes is not None:
-        axes = list(np.ravel(axes))
-        if len(axes) != n:
-            raise ValueError(f"Expected {n} axes, got {len(axes)}.")
-        return axes[0].figure, axes
-    cell = min(2.2, _MAX_WIDTH_IN / max(n, 1))
-    fig = Figure(figsize=(cell * n, height_in if height_in else cell + 0.5), layout="constrained")
-    return fig, list(np.ravel(fig.subplots(1, n, squeeze=False)))
+def _row_layout(n: int) -> tuple[float, float]:
+    """``(cell, width)`` in inches for a row of ``n`` square axes within the width budget."""
+    cell = min(2.0, (_MAX_WIDTH_IN - 2 * _MARGIN_IN - _GAP_IN * (n - 1)) / max(n, 1))
+    return cell, 2 * _MARGIN_IN + n * cell + _GAP_IN * (n - 1)
+
+
+def _add_row(fig: Figure, n: int, cell: float, bottom_in: float, height_in: float | None = None) -> list[Axes]:
+    """``n`` axes side by side (explicit positions: no layout engine, fast and predictable)."""
+    width_in, fig_h = fig.get_size_inches()
+    height_in = cell if height_in is None else height_in
+    return [
+        fig.add_axes((( _MARGIN_IN + k * (cell + _GAP_IN)) / width_in, bottom_in / fig_h, cell / width_in,
+                      height_in / fig_h))
+        for k in range(n)
+    ]
+
+
+def _new_row_figure(n: int, extra_top: float = _TITLE_IN) -> tuple[Figure, list[Axes]]:
+    cell, width = _row_layout(n)
+    fig = Figure(figsize=(width, cell + extra_top + _MARGIN_IN))
+    return fig, _add_row(fig, n, cell, _MARGIN_IN)
+
+
+def _check_axes(axes: Sequence[Axes], n: int) -> list[Axes]:
+    axes = list(np.ravel(axes))
+    if len(axes) != n:
+        raise ValueError(f"Expected {n} axes (one per view), got {len(axes)}.")
+    return axes
 
 
 def plot_views(views: Any, axes: Sequence[Axes] | None = None) -> tuple[Figure, list[Axes]]:
@@ -122,42 +145,49 @@ def plot_views(views: Any, axes: Sequence[Axes] | None = None) -> tuple[Figure, 
         axes: ``V`` axes to draw into (None: a new figure).
     """
     order = display_order(views)
-    fig, axes = _axes_row(axes, len(order), 0)
+    fig, axes = _new_row_figure(len(order)) if axes is None else (None, _check_axes(axes, len(order)))
     for ax, k in zip(axes, order):
         ax.imshow(_hwc(views.pixels[k]), interpolation="nearest")
-        ax.set_title(f"View {k}\n{view_title(views.cameras[k])}", fontsize=9)
+        ax.set_title(f"View {k}\n{view_title(views.cameras[k])}", fontsize=8)
         ax.set_axis_off()
-    return fig, axes
+    return axes[0].figure, axes
 
 
 def plot_pca_maps(
     result: Any, level: str, axes: Sequence[Axes] | None = None, *, upsample: Literal["nearest", "bilinear"] = "nearest",
 ) -> tuple[Figure, list[Axes]]:
-    """The PCA-RGB maps of a level, one per view, in :func:`display_order`.
+    """The PCA-RGB maps of a level in :func:`display_order`.
 
-    Grid layouts are upsampled to the view size (see :func:`upsample_pca`). Query-token
-    layouts are drawn as they are: a ``(1, Q)`` strip per view (queries have no
-    position in the view, so no fake square grid).
+    Grid layouts: one map per view upsampled to the view size (see :func:`upsample_pca`),
+    ``V`` axes. Query-token layouts are drawn as they are, without a fake square grid:
+    one ``V x Q`` matrix (a row of query colours per view) in a single axes.
 
     Args:
         result: an :class:`~panoviz_callback.analysis.AnalysisResult`.
         level: ``"vision_encoder"`` or ``"resampled"``.
-        axes: ``V`` axes to draw into (None: a new figure).
+        axes: ``V`` axes (grid) or one axes (queries) to draw into (None: a new figure).
         upsample: ``"nearest"`` (tokens stay visible) or ``"bilinear"``.
     """
     res = _level(result, level)
     views = result.views
     order = display_order(views)
-    fig, axes = _axes_row(axes, len(order), 0)
-    images = res.pca_images
+    n = len(order) if res.spatial else 1
+    fig, axes = _new_row_figure(n, extra_top=0.1) if axes is None else (None, _check_axes(axes, n))
     if res.spatial:
-        images = upsample_pca(images, views.image_size, upsample)
-    for ax, k in zip(axes, order):
-        ax.imshow(_hwc(images[k]), interpolation="nearest", aspect="equal" if res.spatial else "auto")
-        ax.set_axis_off()
-    if not res.spatial:
-        axes[0].set_title(f"{images.shape[-1]} query tokens per view", fontsize=8, loc="left")
-    return fig, axes
+        images = upsample_pca(res.pca_images, views.image_size, upsample)
+        for ax, k in zip(axes, order):
+            ax.imshow(_hwc(images[k]), interpolation="nearest")
+            ax.set_axis_off()
+    else:
+        ax = axes[0]
+        matrix = res.pca_images[order, :, 0, :].permute(1, 0, 2)  # (3, V, Q)
+        ax.imshow(_hwc(matrix), interpolation="nearest", aspect="auto")
+        ax.set_yticks(range(len(order)), [f"View {k}" for k in order], fontsize=7)
+        ax.set_xlabel(f"query token (Q = {matrix.shape[-1]})", fontsize=7)
+        ax.tick_params(axis="x", labelsize=7)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    return axes[0].figure, axes
 
 
 def _stitched(result: Any, level: str, out_hw: tuple[int, int], upsample: str) -> tuple[Tensor, Tensor] | None:
@@ -169,60 +199,76 @@ def _stitched(result: Any, level: str, out_hw: tuple[int, int], upsample: str) -
     views = result.views
     images = upsample_pca(res.pca_images, views.image_size, upsample)  # (V, 3, S, S)
     with torch.no_grad():
-        pano, covered = stitch_equirect(images.to(views.pixels.device), views, out_hw=out_hw)
+        pano, covered = stitch_equirect(images.to(views.pixels.device), views, out_hw=out_hw, mode=upsample)
     pano = pano.float().cpu().clamp(0, 1)
     covered = covered.cpu()
     return torch.where(covered[None], pano, torch.full_like(pano, _UNCOVERED)), covered
 
 
 def plot_pca_panorama(
-    result: Any, level: str, ax: Axes | None = None, *, out_hw: tuple[int, int] = (512, 1024),
+    result: Any, level: str, ax: Axes | None = None, *, out_hw: tuple[int, int] = _FIGURE_PANO_HW,
     upsample: Literal["nearest", "bilinear"] = "nearest",
 ) -> tuple[Figure, Axes]:
-    """The PCA maps of all views projected back onto the sphere (equirectangular).
+    """The PCA maps of all views projected back onto the sphere (equirectangular, longitude -180..180).
 
     Overlapping regions that agree look seamless; disagreement shows as seams.
     Uncovered areas are dark grey. Query-token layouts have no panorama: the axes
     say so.
     """
     if ax is None:
-        fig = Figure(figsize=(8, 4.3), layout="constrained")
-        ax = fig.add_subplot()
-    fig = ax.figure
+        fig = Figure(figsize=(8, 4.4))
+        ax = fig.add_axes((0.02, 0.02, 0.96, 0.9))
     stitched = _stitched(result, level, out_hw, upsample)
     ax.set_axis_off()
     if stitched is None:
         ax.text(0.5, 0.5, "no PCA panorama: query tokens have no spatial position", ha="center", va="center",
-                transform=ax.transAxes, fontsize=9)
-        return fig, ax
-    pano, _ = stitched
-    ax.imshow(_hwc(pano), interpolation="nearest", extent=(-180, 180, -90, 90))
-    ax.set_title("PCA panorama (views projected back onto the sphere; seams = disagreement)", fontsize=9)
-    return fig, ax
+                transform=ax.transAxes, fontsize=8)
+        return ax.figure, ax
+    ax.imshow(_hwc(stitched[0]), interpolation="nearest", extent=(-180, 180, -90, 90))
+    ax.set_title("PCA panorama: views projected back onto the sphere (agreement is seamless, "
+                 "disagreement shows as seams; grey: unseen)", fontsize=8)
+    return ax.figure, ax
 
 
 def views_figure(result: Any) -> Figure:
-    """The ``original_views_NAME.png`` figure: the views in a row."""
+    """The ``original_views_NAME.png`` figure: the views in a row, global view first."""
     fig, _ = plot_views(result.views)
-    fig.suptitle(f"{result.views.strategy}: {len(result.views)} views", fontsize=10)
+    n = len(result.views)
+    fig.suptitle(f"{result.views.strategy}: {n} views, {len(result.views.pairs)} pairs", fontsize=9,
+                 y=1 - 0.08 / fig.get_size_inches()[1])
     return fig
 
 
 def pca_figure(result: Any, level: str, *, upsample: Literal["nearest", "bilinear"] = "nearest") -> Figure:
-    """The ``*_pca_NAME.png`` figure: views, the PCA maps aligned under them, the PCA panorama."""
+    """The ``*_pca_NAME.png`` figure: views, the PCA maps aligned under them, the PCA panorama.
+
+    Query-token levels show the ``V x Q`` colour matrix instead of the maps and no panorama.
+    """
     res = _level(result, level)
     n = len(result.views)
-    cell = min(2.2, _MAX_WIDTH_IN / n)
-    width = cell * n
-    pano_h = min(width / 2, 3.2 * cell) if res.spatial else 0.4
-    fig = Figure(figsize=(width, 2 * cell + 0.9 + pano_h + 0.4), layout="constrained")
-    grid = fig.add_gridspec(3, n, height_ratios=[cell + 0.5, cell, pano_h])
-    plot_views(result.views, [fig.add_subplot(grid[0, k]) for k in range(n)])
-    plot_pca_maps(result, level, [fig.add_subplot(grid[1, k]) for k in range(n)], upsample=upsample)
-    plot_pca_panorama(result, level, fig.add_subplot(grid[2, :]), upsample=upsample)
+    cell, width = _row_layout(n)
+    inner = width - 2 * _MARGIN_IN
+    pca_h = cell if res.spatial else min(cell, max(0.8, 0.22 * n))
+    pano_h = min(inner / 2, 3.2 * cell) if res.spatial else 0.0
+    heights = [_MARGIN_IN, pano_h, _TITLE_IN if res.spatial else 0.0, pca_h, 0.15 if res.spatial else 0.45,
+               cell, _TITLE_IN, _TITLE_IN]  # bottom to top
+    fig = Figure(figsize=(width, sum(heights)))
+    fig_h = sum(heights)
+    y_pano = heights[0]
+    y_pca = y_pano + pano_h + heights[2]
+    y_views = y_pca + pca_h + heights[4]
+    plot_views(result.views, _add_row(fig, n, cell, y_views))
+    pca_axes = _add_row(fig, n, cell, y_pca, pca_h) if res.spatial else [
+        fig.add_axes((_MARGIN_IN / width + 0.04, y_pca / fig_h, inner / width - 0.04, pca_h / fig_h))]
+    plot_pca_maps(result, level, pca_axes, upsample=upsample)
+    if res.spatial:
+        pano_w = 2 * pano_h
+        plot_pca_panorama(result, level, fig.add_axes(((width - pano_w) / 2 / width, y_pano / fig_h, pano_w / width,
+                                                       pano_h / fig_h)), upsample=upsample)
     grid_hw = res.features.grid_hw
     layout = f"{grid_hw[0]}x{grid_hw[1]} tokens" if res.spatial else f"{res.pca_images.shape[-1]} query tokens"
-    fig.suptitle(f"{level} PCA ({layout}, {res.features.tokens.shape[-1]} dims)", fontsize=10)
+    fig.suptitle(f"{level} PCA ({layout} x {res.features.tokens.shape[-1]} dims per view)", fontsize=9,
+                 y=1 - 0.08 / fig_h)
     return fig
 
 

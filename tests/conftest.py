@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ def _erp_directions(height: int, dtype: torch.dtype = torch.float64) -> torch.Te
     return torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()])
 
 
+@lru_cache(maxsize=16)
+def _textured(height: int, seed: int, max_freq: float) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    dirs = _erp_directions(height).reshape(3, -1)  # (3, H*W)
+    scale = 1 + (max_freq - 1) * torch.rand(3, 8, 1, generator=gen, dtype=torch.float64)
+    freqs = torch.nn.functional.normalize(torch.randn(3, 8, 3, generator=gen, dtype=torch.float64), dim=-1) * scale
+    phase = torch.rand(3, 8, 1, generator=gen, dtype=torch.float64) * 2 * torch.pi
+    val = torch.sin(freqs @ dirs + phase).sum(dim=1) / 8 ** 0.5  # (3, H*W)
+    return torch.sigmoid(1.5 * val).reshape(3, height, 2 * height)
+
+
 @pytest.fixture
 def textured_panorama() -> Callable[..., torch.Tensor]:
     """Factory: a smooth random texture defined on the sphere (seamless at the seam and poles).
@@ -36,13 +48,7 @@ def textured_panorama() -> Callable[..., torch.Tensor]:
     """
 
     def make(height: int = 128, seed: int = 0, max_freq: float = 6.0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        dirs = _erp_directions(height).reshape(3, -1)  # (3, H*W)
-        freqs = torch.randn(3, 8, 3, generator=gen, dtype=torch.float64)
-        freqs = freqs / freqs.norm(dim=-1, keepdim=True) * (1 + (max_freq - 1) * torch.rand(3, 8, 1, generator=gen, dtype=torch.float64))
-        phase = torch.rand(3, 8, 1, generator=gen, dtype=torch.float64) * 2 * torch.pi
-        val = torch.sin(freqs @ dirs + phase).sum(dim=1) / 8 ** 0.5  # (3, H*W)
-        return torch.sigmoid(1.5 * val).reshape(3, height, 2 * height)
+        return _textured(height, seed, float(max_freq)).clone()
 
     return make
 

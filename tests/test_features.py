@@ -254,6 +254,14 @@ def test_bfloat16_model_gives_float32(models):
     feats = extract_features(model, _pixels())
     assert feats.tokens.dtype == torch.float32
     torch.testing.assert_close(feats.tokens, extract_features(models["siglip"], _pixels()).tokens, atol=0.1, rtol=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = extract_features(models["clip"], _pixels())
+    assert autocast.tokens.dtype == torch.float32
+
+
+def test_exception_wrong_view_count():
+    with pytest.raises(ValueError, match="to return tokens for 3 views, got 1"):
+        extract_features(lambda x: x[:1].flatten(2).transpose(1, 2), _pixels(h=4), grid_hw=(4, 4))
 
 
 # generic encoders ---------------------------------------------------------------------------
@@ -369,7 +377,8 @@ def test_load_tiny_preset_deterministic():
     torch.manual_seed(123)
     b = load_vision_encoder("tiny")
     assert isinstance(a, SiglipVisionModel) and not a.training
-    assert (a.config.hidden_size, a.config.num_hidden_layers, a.config.patch_size, a.config.image_size) == (64, 2, 16, 224)
+    config = a.config
+    assert (config.hidden_size, config.num_hidden_layers, config.patch_size, config.image_size) == (64, 2, 16, 224)
     for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(pa, pb), name
     small = load_vision_encoder("tiny", image_size=128)

@@ -1,0 +1,213 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from panoviz_callback.correspondence import _correspondence, patch_correspondence, stitch_equirect, warp_pairs
+from panoviz_callback.views import make_views
+
+GRID = (14, 14)
+S = 224
+
+
+def _token_directions(views, grid=GRID) -> torch.Tensor:
+    """Independent token directions: mean decoded direction of each token's pixels, ``(V, N, 3)``."""
+    pooled = F.adaptive_avg_pool2d(views.pixels.double() * 2 - 1, grid)  # (V, 3, gh, gw)
+    return F.normalize(pooled.flatten(2).transpose(1, 2), dim=-1)
+
+
+def _angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.rad2deg(torch.acos((a * b).sum(-1).clamp(-1, 1)))
+
+
+def _check_against_directions(views, i, j, token_deg):
+    """Matched tokens see the same direction (within a token) and agree with a brute-force nearest token."""
+    dirs = _token_directions(views)  # (V, N, 3)
+    idx_i, idx_j = patch_correspondence(views, i, j, GRID)
+    assert len(idx_i) == len(idx_j)
+    nearest_angle, nearest = _angle_deg(dirs[i][:, None], dirs[j][None]).min(dim=1)  # (N,)
+    # every token that clearly lies inside view j (a partner within a quarter token) is matched
+    clearly_inside = torch.nonzero(nearest_angle < 0.25 * token_deg).squeeze(1)
+    assert set(clearly_inside.tolist()) <= set(idx_i.tolist())
+    if len(idx_i) == 0:
+        return idx_i, idx_j
+    err = _angle_deg(dirs[i, idx_i], dirs[j, idx_j])
+    assert err.max() < 0.75 * token_deg and err.mean() < 0.35 * token_deg, (float(err.max()), float(err.mean()))
+    agree = (nearest[idx_i] == idx_j).double().mean()
+    assert agree > 0.9, float(agree)
+    chebyshev = torch.maximum((nearest[idx_i] // GRID[1] - idx_j // GRID[1]).abs(), (nearest[idx_i] % GRID[1] - idx_j % GRID[1]).abs())
+    assert chebyshev.max() <= 1
+    return idx_i, idx_j
+
+
+def test_e2p_against_direction_panorama(direction_panorama):
+    vs = make_views(direction_panorama(512).float(), "e2p", image_size=S)
+    for i, j in vs.pairs[:3] + [(7, 0), (1, 0), (0, 2)]:
+        idx_i, _ = _check_against_directions(vs, i, j, 90 / GRID[1])
+        assert len(idx_i) == 92 if (i, j) != (0, 2) else len(idx_i) == 0  # 90 deg apart: only an edge in common
+
+
+def test_anyres_e2p_tiles_with_pitches(direction_panorama):
+    vs = make_views(direction_panorama(512).float(), "anyres_e2p", image_size=S, pitches=(-45, 0, 45))
+    pairs = [(1, 2), (9, 10), (17, 18), (1, 9), (9, 17), (20, 12), (9, 18), (24, 17)]  # rows, columns, diagonals, seam
+    for i, j in pairs:
+        _check_against_directions(vs, i, j, 90 / GRID[1])
+    # the rows at +-45 deg overlap more than the equator row (meridians converge)
+    n_eq, n_up = (len(patch_correspondence(vs, i, i + 1, GRID)[0]) for i in (9, 17))
+    assert n_up > n_eq == 92
+
+
+def test_global_view_correspondence(direction_panorama):
+    vs = make_views(direction_panorama(256).float(), "anyres_e2p", image_size=S)
+    token_deg = 360 / GRID[1]  # a global token spans 25.7 deg of longitude
+    dirs = _token_directions(vs)
+    idx_tile, idx_glob = patch_correspondence(vs, 1, 0, GRID)
+    assert len(idx_tile) == 196  # the global view sees everything
+    assert _angle_deg(dirs[1, idx_tile], dirs[0, idx_glob]).max() < token_deg
+    idx_glob, _ = patch_correspondence(vs, 0, 1, GRID)
+    assert (idx_glob // GRID[1]).min() >= 3 and (idx_glob // GRID[1]).max() <= 10  # never a letterbox-bar token
+
+
+def test_sliding_window_exact_column_shift(direction_panorama):
+    vs = make_views(direction_panorama(512).float(), "sliding_window", image_size=S)  # 512 px windows, stride 256
+    expected_i = torch.tensor([r * 14 + c for r in range(14) for c in range(7, 14)])
+    for i, j in vs.pairs:
+        idx_i, idx_j = patch_correspondence(vs, i, j, GRID)
+        assert torch.equal(idx_i, expected_i) and torch.equal(idx_j, expected_i - 7), (i, j)
+    _check_against_directions(vs, 7, 0, 90 / GRID[1])  # across the seam
+
+
+def test_overlap_fraction_and_column_strip_error():
+    """90 deg views 45 deg apart: the true overlap is ~47% of the tokens, not 50%, and pairing
+    tokens by column strip (column c <-> c - 7, same row) is wrong by up to 2-3 tokens."""
+    vs = make_views(torch.rand(3, 64, 128), "e2p", image_size=S)
+    idx_i, idx_j = patch_correspondence(vs, 0, 1, GRID)
+    fraction = len(idx_i) / 196
+    print(f"overlap fraction at 90 deg / 50%: {fraction:.3f} ({len(idx_i)} of 196 tokens)")
+    assert fraction == pytest.approx(92 / 196) and 0.46 < fraction < 0.48
+    row, col = idx_i // 14, idx_i % 14
+    naive_row, naive_col = row, col - 7
+    assert (col >= 7).all()  # the matched tokens all lie in the strip...
+    err = torch.maximum((idx_j // 14 - naive_row).abs(), (idx_j % 14 - naive_col).abs())
+    print(f"column-strip pairing error (tokens): max {int(err.max())}, mean {err.double().mean():.2f}, wrong {float((err > 0).double().mean()):.0%}")
+    assert 1 <= err.max() <= 3
+    assert (err > 0).double().mean() > 0.25
+    assert 98 - len(idx_i) == 6  # ...but 6 strip tokens see nothing of the other view
+
+
+@pytest.mark.parametrize(("faces", "size", "grid"), [(4, S, GRID), (6, S, GRID), (6, 32, (32, 32)), (4, 30, (15, 10))])
+def test_cubemap_is_empty(faces, size, grid):
+    vs = make_views(torch.rand(3, 32, 64), "cubemap", image_size=size, faces=faces, patch_size=1)
+    for i, j in vs.pairs:
+        for a, b in ((i, j), (j, i)):
+            idx_a, idx_b = patch_correspondence(vs, a, b, grid)
+            assert idx_a.numel() == 0 and idx_b.numel() == 0 and idx_a.dtype == torch.long
+    # with one token per pixel the edge pixel centres of two faces sit exactly on the shared edge:
+    # they are not "strictly inside", so even then nothing matches (checked above with grid = size)
+
+
+def test_correspondence_cache_and_copies(device):
+    vs = make_views(torch.rand(3, 32, 64), "e2p", image_size=32, patch_size=2)
+    first_i, first_j = patch_correspondence(vs, 2, 3, (8, 8), device=device)
+    hits = _correspondence.cache_info().hits
+    first_i.zero_()  # callers cannot corrupt the cache
+    again_i, _ = patch_correspondence(vs, 2, 3, (8, 8))
+    assert _correspondence.cache_info().hits == hits + 1
+    assert again_i.abs().sum() > 0 and first_j.device.type == device.type
+    # the same geometry from another panorama hits the cache too
+    patch_correspondence(make_views(torch.rand(3, 16, 32), "e2p", image_size=32, patch_size=2), 2, 3, (8, 8))
+    assert _correspondence.cache_info().hits == hits + 2
+
+
+def test_exception():
+    vs = make_views(torch.rand(3, 16, 32), "e2p", image_size=16)
+    with pytest.raises(ValueError, match=r"Argument `j` must be in \[0, 7\], got 8"):
+        patch_correspondence(vs, 0, 8, GRID)
+    with pytest.raises(TypeError, match="Expected `i` to be an int"):
+        patch_correspondence(vs, 0.5, 1, GRID)
+    with pytest.raises(ValueError, match=r"Argument `grid_hw` must be in \[1, inf\], got 0"):
+        patch_correspondence(vs, 0, 1, (0, 14))
+    with pytest.raises(ValueError, match=r"Expected `images` of shape \(V, C, h, w\), got \(8, 16, 16\)"):
+        warp_pairs(vs.pixels[:, 0], vs)
+    with pytest.raises(ValueError, match=r"one image per view \(8\), got 7"):
+        stitch_equirect(vs.pixels[:7], vs)
+    with pytest.raises(ValueError, match="Argument `mode` must be one of"):
+        warp_pairs(vs.pixels, vs, mode="bicubic")
+
+
+def test_warp_matches_neighbour_rendering(device, textured_panorama):
+    pano = textured_panorama(256, seed=2, max_freq=4.0).float().to(device)
+    vs = make_views(pano, "e2p", image_size=128)
+    warped, mask = warp_pairs(vs.pixels, vs)
+    assert warped.shape == (8, 3, 128, 128) and mask.shape == (8, 128, 128) and mask.dtype == torch.bool
+    assert warped.device.type == device.type
+    frac = mask.double().mean().item()
+    assert 0.45 < frac < 0.5  # about half of view i sees view j
+    for p, (i, j) in enumerate(vs.pairs):
+        diff = (warped[p] - vs.pixels[i]).abs()[:, mask[p]]
+        assert diff.mean() < 0.01 and diff.max() < 0.1, (p, float(diff.mean()))
+        assert warped[p][:, ~mask[p]].abs().max() == 0
+    # a wrong pairing is far off: the warp really moves content
+    assert (warped[0] - vs.pixels[1]).abs()[:, mask[0]].mean() > 0.05
+
+
+def test_warp_low_resolution_images(direction_panorama):
+    """A 14x14 image per view (like a PCA image) warps with the image <-> view pixel mapping."""
+    vs = make_views(direction_panorama(256).float(), "anyres_e2p", image_size=S, pitches=(0, 45))
+    tokens = F.adaptive_avg_pool2d(vs.pixels, GRID)  # (V, 3, 14, 14), direction-encoded
+    pairs = [(1, 2), (9, 10), (2, 10), (1, 0)]
+    warped, mask = warp_pairs(tokens, vs, pairs)
+    ours = F.normalize(tokens * 2 - 1, dim=1)
+    for p, (i, _) in enumerate(pairs):
+        got = F.normalize(warped[p] * 2 - 1, dim=0)
+        err = _angle_deg(got.permute(1, 2, 0)[mask[p]], ours[i].permute(1, 2, 0)[mask[p]])
+        assert mask[p].sum() > 40 and err.mean() < 0.25 * 90 / 14, (p, float(err.mean()))
+    nearest, _ = warp_pairs(tokens, vs, pairs, mode="nearest")
+    assert torch.isin(nearest[0, 0][mask[0]], tokens[2, 0]).all()  # nearest keeps token values
+
+
+def test_warp_sliding_window_is_a_shift(textured_panorama):
+    vs = make_views(textured_panorama(128).float(), "sliding_window", image_size=64)  # shift of 32 px
+    warped, mask = warp_pairs(vs.pixels, vs, [(0, 1), (7, 0)])
+    assert mask[:, :, 32:].all() and not mask[:, :, :32].any()
+    assert (warped[0, :, :, 32:] - vs.pixels[1, :, :, :32]).abs().max() < 1e-5
+    assert (warped[1, :, :, 32:] - vs.pixels[0, :, :, :32]).abs().max() < 1e-5
+
+
+def test_stitch_reproduces_panorama(device, textured_panorama):
+    pano = textured_panorama(128, seed=4, max_freq=4.0).float().to(device)
+    vs = make_views(pano, "e2p", image_size=128)
+    out, covered = stitch_equirect(vs.pixels, vs, (128, 256))
+    assert out.shape == (3, 128, 256) and covered.shape == (128, 256) and out.device.type == device.type
+    err = (out - pano).abs()[:, covered]
+    assert err.mean() < 0.01 and err.max() < 0.1, float(err.mean())
+    assert out[:, ~covered].abs().max() == 0
+    assert covered[64].all() and not covered[0].any() and not covered[-1].any()  # equator yes, poles no
+    lat = 90 - (torch.arange(128) + 0.5) * 180 / 128
+    assert covered[lat.abs() < 42.7].all()  # between two tiles (22.5 deg off-axis) a tile sees +-42.7 deg
+    # cube map with 6 faces covers the whole sphere
+    vs6 = make_views(pano, "cubemap", image_size=128, faces=6)
+    out6, covered6 = stitch_equirect(vs6.pixels, vs6, (128, 256))
+    assert covered6.all() and (out6 - pano).abs().mean() < 0.01
+
+
+def test_stitch_sliding_window_band_and_low_resolution(direction_panorama):
+    vs = make_views(direction_panorama(256).float(), "sliding_window", image_size=S)
+    out, covered = stitch_equirect(vs.pixels, vs, (64, 128))
+    lat = 90 - (torch.arange(64) + 0.5) * 180 / 64
+    assert torch.equal(covered.all(dim=1), lat.abs() < 45) and torch.equal(covered.any(dim=1), lat.abs() < 45)
+    # token images stitch to the right directions, within a quarter token on average
+    tokens = F.adaptive_avg_pool2d(vs.pixels, GRID)
+    out, covered = stitch_equirect(tokens, vs, (64, 128))
+    expected = direction_panorama(64).float()  # (3, 64, 128)
+    err = _angle_deg(F.normalize(out * 2 - 1, dim=0).permute(1, 2, 0)[covered], F.normalize(expected * 2 - 1, dim=0).permute(1, 2, 0)[covered])
+    assert err.mean() < 0.25 * 90 / 14, float(err.mean())
+
+
+def test_stitch_ignores_global_view(textured_panorama):
+    pano = textured_panorama(64).float()
+    vs = make_views(pano, "anyres_e2p", image_size=64)
+    images = vs.pixels.clone()
+    images[0] = 1.0  # a global view that would show as white if used
+    out, covered = stitch_equirect(images, vs, (64, 128))
+    ref, ref_covered = stitch_equirect(vs.pixels[1:], make_views(pano, "e2p", image_size=64), (64, 128))
+    assert torch.equal(covered, ref_covered) and (out - ref).abs().max() < 1e-5
