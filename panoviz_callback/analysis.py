@@ -391,12 +391,17 @@ class Analyzer:
             grid, grid_tokens = (1, tokens.shape[1]), tokens  # a (1, Q) strip per view
 
         previous = self.pca_states.get(name) if self.stable_colors else None
-        if previous is not None and previous.mean.shape[0] != tokens.shape[-1]:
-            previous = None  # another model: start fresh
+        if previous is not None:
+            if previous.mean.shape[0] != tokens.shape[-1]:
+                previous = None  # another model: start fresh
+            else:
+                previous = previous.to(tokens.device)
+        freeze = self.freeze_pca and previous is not None and previous.n_components == self.n_components and (
+            previous.bg_removal == self.bg_removal)
         with timer(f"{name}/pca"):
             images, fg_mask, state = pca_rgb(
                 grid_tokens, grid, n_components=self.n_components, bg_removal=self.bg_removal,
-                bg_threshold=self.bg_threshold, state=previous, freeze=self.freeze_pca and previous is not None,
+                bg_threshold=self.bg_threshold, state=previous, freeze=freeze,
             )
         metrics = self._metrics(name, tokens, grid_tokens if spatial else None, grid if spatial else None,
                                 images, views, timer)

@@ -6,10 +6,11 @@ looking and :mod:`panoviz_callback.sinks` sends the result to the trainer's logg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,7 +260,7 @@ class PanoVizCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [{**h, "scalars": dict(h["scalars"])} for h in state_dict.get("history", [])]
         saved = state_dict.get("settings", {})
-        if any(saved.get(key) != value for key, value in self._analysis_settings().items()):
+        if self._views is not None and any(saved.get(k) != v for k, v in self._analysis_settings().items()):
             rank_zero_warn("`PanoVizCallback` settings differ from the checkpoint's; colours and history may not "
                            "continue seamlessly.")
         try:
@@ -314,8 +315,9 @@ class PanoVizCallback(Callback):
         """Run the analyzer; on any failure its PCA states are put back, so colours survive a bad firing."""
         saved = dict(self._analyzer.pca_states)
         try:
-            result = self._analyzer(views, encoder, resampler)
-            for name, level in result.levels.items():
+            with _finite_outputs(encoder=encoder, resampler=resampler):
+                result = self._analyzer(views, encoder, resampler)
+            for name, level in result.levels.items():  # callables that are no modules have no hook
                 if not torch.isfinite(level.features.tokens).all():
                     raise FloatingPointError(f"the {name} features contain NaN or Inf values")
         except BaseException:
@@ -459,6 +461,37 @@ def _get_path(root: Any, path: str) -> Any:
         if obj is None:
             return None
     return obj
+
+
+@contextlib.contextmanager
+def _finite_outputs(**modules: Any) -> Iterator[None]:
+    """Raise ``FloatingPointError`` as soon as a module's output holds NaN or Inf (before the analysis uses it)."""
+
+    def check(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if any(not torch.isfinite(t).all() for t in _float_tensors(output)):
+                raise FloatingPointError(f"the {name} output contains NaN or Inf values")
+        return hook
+
+    handles = [m.register_forward_hook(check(name)) for name, m in modules.items() if isinstance(m, nn.Module)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _float_tensors(output: Any) -> Iterator[Tensor]:
+    """The floating-point tensors in a module output (a tensor, a tuple, a dict or a transformers output)."""
+    if isinstance(output, Tensor):
+        if output.is_floating_point():
+            yield output
+    elif isinstance(output, dict):
+        for value in output.values():
+            yield from _float_tensors(value)
+    elif isinstance(output, list | tuple):
+        for value in output:
+            yield from _float_tensors(value)
 
 
 def _is_sharded(strategy: Any) -> bool:

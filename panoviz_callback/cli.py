@@ -1,17 +1,241 @@
-"""The ``panoviz`` command line (placeholder until the runner lands)."""
+"""The ``panoviz`` command line: analyse checkpoints on panoramas, and compare runs.
+
+Usage::
+
+    panoviz --checkpoint runs/exp/checkpoints/last.ckpt                  # the callback's own probe
+    panoviz --checkpoint last.ckpt --image room.jpg panos/ "more/*.png" --crop_strategy anyres_e2p
+    panoviz --checkpoint panollava.ckpt --config config.yaml --image room.jpg
+    panoviz --checkpoint other.ckpt --module my_pkg.model:MyVLM --encoder model.vision_tower --image room.jpg
+    panoviz compare results/trained_viz/epoch=0 results/trained_viz/last --labels before after
+
+Exit status: 0 success; 1 a runtime failure (an image that could not be analysed, the
+others are still written; weights that do not fit the model; an error while analysing
+or writing); 2 a usage error, where nothing was analysed: a wrong option or value, a
+``--checkpoint`` that is missing or not a checkpoint, no model description without
+``--config``/``--module``, a ``--config`` that is not valid YAML or misses keys, a
+``--module`` that cannot be imported, an ``--image`` that names nothing, ``--device cuda``
+without CUDA, an ``--output_dir`` that cannot be written. Problems are printed one per
+line on stderr (``--debug`` adds tracebacks); ``Ctrl-C`` exits with 130.
+
+torch, lightning and transformers are imported only after the arguments are parsed, so
+``--help`` and ``--version`` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import NoReturn
 
 from panoviz_callback import __version__
 
 __all__ = ["main"]
 
+_STRATEGIES = ("e2p", "anyres_e2p", "cubemap", "sliding_window")
+_BG_MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")
+_DEFAULT_ROOT = Path("results") / "trained_viz"
+
+
+class _UsageExit(Exception):
+    """Raised by the parser instead of exiting, so that ``main`` returns the code."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _UsageExit(2, f"{message} (see {self.prog} --help)")
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            print(message, end="", file=sys.stderr)
+        raise _UsageExit(status)
+
+
+def _flag(name: str) -> list[str]:
+    """``--crop_strategy`` and its hyphen spelling ``--crop-strategy``."""
+    hyphen = name.replace("_", "-")
+    return [f"--{name}"] + ([f"--{hyphen}"] if hyphen != name else [])
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _main_parser() -> _Parser:
+    p = _Parser(
+        prog="panoviz", allow_abbrev=False,
+        description="Visualise what a panoramic VLM's vision encoder and resampler learned, from a checkpoint: "
+                    "PCA feature maps of the views and cross-view similarity metrics.",
+        epilog="Subcommand: `panoviz compare RUN_DIR_OR_JSON ... [--labels ...] [--output_dir DIR]` writes a "
+               "comparison table and bar chart (see `panoviz compare --help`). Exit status: 0 success, 1 a runtime "
+               "failure (e.g. an image that failed; the others are written), 2 a usage error.",
+    )
+    p.add_argument("--version", action="version", version=f"panoviz {__version__}")
+    p.add_argument(*_flag("checkpoint"), required=True, metavar="PATH", help="a Lightning .ckpt file")
+    p.add_argument(*_flag("image"), nargs="+", metavar="PATH",
+                   help="panoramas, folders or glob patterns; optional for checkpoints written with "
+                        "PanoVizCallback (its own probe and settings are used)")
+    p.add_argument(*_flag("config"), metavar="YAML", help="describes the model when the checkpoint does not "
+                   "(vision_name, resampler_type, latent_dimension, crop geometry; e.g. the training config.yaml)")
+    p.add_argument(*_flag("module"), metavar="PKG.MOD:CLASS", help="the LightningModule class to rebuild from the "
+                   "checkpoint's hyper_parameters")
+    p.add_argument(*_flag("encoder"), metavar="ATTR", help="attribute path of the vision encoder in --module "
+                   "(default: found like PanoVizCallback finds it)")
+    p.add_argument(*_flag("resampler"), metavar="ATTR", help="attribute path of the resampler in --module "
+                   "('none': no resampler level)")
+    p.add_argument(*_flag("strict"), action="store_true", help="fail when any encoder/resampler weight is "
+                   "missing or unexpected")
+    p.add_argument(*_flag("crop_strategy"), choices=_STRATEGIES, help="default: the checkpoint's or config's, else e2p")
+    p.add_argument(*_flag("fov"), type=_number, metavar="DEG", help="tile field of view in degrees (default 90)")
+    p.add_argument(*_flag("overlap"), type=_number, metavar="FRAC", help="overlap of adjacent tiles in [0, 1) "
+                   "(default 0.5)")
+    p.add_argument(*_flag("image_size"), type=_positive_int, metavar="PX", help="view size (default: the "
+                   "checkpoint's, else 224)")
+    p.add_argument(*_flag("layer"), type=int, metavar="N", help="encoder hidden-state index (default -1: the last)")
+    p.add_argument(*_flag("n_components"), type=_positive_int, metavar="K", help="PCA components (default 3)")
+    p.add_argument(*_flag("no_cls_token"), action="store_true", help="keep the prefix tokens (CLS, registers) "
+                   "in the encoder level (default: dropped)")
+    p.add_argument(*_flag("bg_removal"), choices=_BG_MODES, help="PCA background handling (default threshold)")
+    p.add_argument(*_flag("no_similarity"), action="store_true", help="skip the metrics (figures only)")
+    p.add_argument(*_flag("device"), choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: CUDA when available, else the CPU")
+    p.add_argument(*_flag("output_dir"), metavar="DIR", help="default: results/trained_viz/{checkpoint_name}, "
+                   "the checkpoint's folder name, or its file stem when the folder is generic")
+    p.add_argument(*_flag("debug"), action="store_true", help="print full tracebacks")
+    return p
+
+
+def _compare_parser() -> _Parser:
+    p = _Parser(prog="panoviz compare", allow_abbrev=False,
+                description="Compare the similarity_*.json reports of several runs: writes comparison.md and "
+                            "comparison.png and prints the table.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_JSON", help="runner output folders or similarity_*.json")
+    p.add_argument(*_flag("labels"), nargs="+", metavar="LABEL", help="names of the runs (default: folder names)")
+    p.add_argument(*_flag("output_dir"), default=".", metavar="DIR", help="where the files go (default: .)")
+    p.add_argument(*_flag("debug"), action="store_true", help="print full tracebacks")
+    return p
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="panoviz", description="Visualise a panoramic VLM's vision features.")
-    parser.add_argument("--version", action="version", version=f"panoviz {__version__}")
-    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    """Run ``panoviz`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    compare = bool(argv) and argv[0] == "compare"
+    parser = _compare_parser() if compare else _main_parser()
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv[1:] if compare else argv)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _compare(args) if compare else _run(args)
+    except _UsageExit as exc:
+        if exc.message:
+            _err(f"error: {exc.message}")
+        return exc.code
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit status
+        if debug:
+            traceback.print_exc()
+        _err(f"error: {_one_line(exc)}")
+        return 2 if _is_usage(exc) else 1
+
+
+def _is_usage(exc: BaseException) -> bool:
+    from panoviz_callback.checkpoint import CheckpointError, ModelSpecError
+    from panoviz_callback.runner import UsageError
+
+    return isinstance(exc, UsageError | CheckpointError | ModelSpecError)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from panoviz_callback import checkpoint as ck
+    from panoviz_callback import runner as rn
+
+    sources = rn.resolve_images(args.image) if args.image else None
+    name = ck.checkpoint_name(args.checkpoint)
+    output_dir = Path(args.output_dir) if args.output_dir else _DEFAULT_ROOT / name
+    rn.check_output_dir(output_dir)
+    device = rn.resolve_device(args.device, _err)
+
+    ckpt = ck.read_checkpoint(args.checkpoint, _err)
+    config = ck.load_config(args.config) if args.config else None
+    spec = ck.describe_model(ckpt, config=config, module=args.module, encoder=args.encoder, resampler=args.resampler,
+                             config_name=f"--config {args.config}" if args.config else "--config")
+    options = {"crop_strategy": args.crop_strategy, "fov": args.fov, "overlap": args.overlap,
+               "image_size": args.image_size, "layer": args.layer, "n_components": args.n_components,
+               "keep_cls_token": True if args.no_cls_token else None, "bg_removal": args.bg_removal,
+               "no_similarity": args.no_similarity}
+    plan = rn.plan_run(options, spec.callback, spec.geometry)
+    if sources is None:
+        sources = [rn.callback_probe(spec.callback)]
+
+    model = ck.build_model(spec, ckpt, strict=args.strict, device=device, log=_err)
+    del ckpt
+    resampler = "no resampler" if model.resampler is None else type(model.resampler).__name__
+    print(f"Checkpoint {args.checkpoint}: {spec.source}, {type(model.encoder).__name__} + {resampler}"
+          + (f", step {spec.global_step}" if spec.global_step is not None else "") + f", on {device}")
+    print(f"Views: {plan.crop_strategy}, {plan.image_size} px"
+          + (f", {plan.crop_options}" if plan.crop_options else ""))
+
+    runner = rn.Runner(model.encoder, model.resampler, plan, name=name, output_dir=output_dir,
+                       checkpoint=Path(args.checkpoint).absolute(), log=_err, debug=args.debug)
+    results = runner.run(sources)
+    print(rn.format_summary(results))
+    probe = [r for r in results if r.source.spec is not None and r.error is None]
+    if probe and plan.reproduces:
+        agreement = rn.live_agreement(probe[0].scalars or {}, spec.callback, spec.global_step)
+        if agreement is not None:
+            count, diff = agreement
+            print(f"Live analysis at step {spec.global_step}: {count} values reproduced, max |difference| {diff:.2e}")
+    return 0 if all(r.error is None for r in results) else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from panoviz_callback import compare as cmp
+    from panoviz_callback.runner import UsageError, check_output_dir
+
+    if args.labels is not None and len(args.labels) != len(args.runs):
+        raise UsageError(f"--labels names {len(args.labels)} run(s) but {len(args.runs)} were given")
+    missing = [run for run in args.runs if not Path(run).exists()]
+    if missing:
+        raise UsageError(f"no such file or folder: {', '.join(missing)}")
+    check_output_dir(Path(args.output_dir))
+    labels = args.labels or [None] * len(args.runs)
+    runs = [cmp.load_run(run, label) for run, label in zip(args.runs, labels)]
+    md_path, png_path = cmp.write_comparison(runs, args.output_dir)
+    print(cmp.format_markdown(runs), end="")
+    print(f"Wrote {md_path} and {png_path}")
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    _err(f"warning: {_one_line(message) if isinstance(message, BaseException) else ' '.join(str(message).split())}")
+
+
+def _err(message: str) -> None:
+    print(f"panoviz: {message}", file=sys.stderr)

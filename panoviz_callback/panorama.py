@@ -18,15 +18,16 @@ import contextlib
 import math
 import os
 import re
+import struct
 import sys
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import Tensor
 
@@ -37,7 +38,7 @@ __all__ = ["PanoramaError", "load_panorama", "synthetic_panorama"]
 # Largest panorama accepted without Pillow's decompression-bomb warning (32768 x 16384).
 _MAX_PANORAMA_PIXELS = 32768 * 16384
 _PIL_LOCK = threading.RLock()
-_ASPECT_TOLERANCE = 0.01
+_ASPECT_TOLERANCE = 0.01  # relative; and never for one pixel off
 
 
 class PanoramaError(ValueError):
@@ -102,11 +103,8 @@ def load_panorama(
         except Exception as exc:  # any decoder failure: report the file, never a bare PIL traceback
             raise _error(path, _reason(exc, path)) from exc
     pano = _to_tensor(pixels, scale, device)
-    target = _target_size(*full_size, max_width)
-    if (pano.shape[-1], pano.shape[-2]) != target:  # 16-bit RGB: box-reduced on the CPU, finished here
-        pano = _resize(pano, target)
     width, height = full_size
-    if abs(width / height / 2.0 - 1.0) > _ASPECT_TOLERANCE:
+    if abs(width - 2 * height) > max(1.0, _ASPECT_TOLERANCE * width):
         warnings.warn(
             f"panorama is {width / height:.2f}:1, expected 2:1 (equirectangular): '{path}' is {width}x{height}; "
             "using it as it is.",
@@ -136,10 +134,12 @@ def _reason(exc: Exception, path: str) -> str:
         if size is not None and min(size) == 0:
             return f"the image has zero size ({size[0]}x{size[1]})"
         return "not a recognised image (JPEG, PNG, WebP, TIFF, ...)"
-    text = str(exc).rstrip(".") or "no details"
+    text = f"{type(exc).__name__}: {str(exc).rstrip('.') or 'no details'}"
     if isinstance(exc, Image.DecompressionBombError):
         return f"the image is too large ({text})"
-    return f"the image data is truncated or corrupt ({type(exc).__name__}: {text})"
+    if isinstance(exc, (OSError, SyntaxError, EOFError, struct.error, zlib.error)):
+        return f"the image data is truncated or corrupt ({text})"
+    return f"the image cannot be converted ({text})"
 
 
 def _png_header_size(path: str) -> tuple[int, int] | None:
@@ -195,7 +195,7 @@ def _decode(path: str, max_width: int | None) -> tuple[np.ndarray, float, tuple[
 def _to_8bit(im: Image.Image) -> Image.Image:
     if im.mode in ("L", "RGB"):
         return im
-    if im.mode in ("1", "LA", "La"):
+    if im.mode in ("1", "LA"):
         return im.convert("L")  # drops alpha
     return im.convert("RGB")  # palette, RGBA (alpha dropped, not composited), CMYK, YCbCr, ...
 
@@ -238,22 +238,29 @@ def _swap_byte_order(im: Image.Image) -> None:
 
 
 def _decode_wide_rgb(path: str, target: tuple[int, int]) -> np.ndarray:
-    """16-bit RGB(A) as int32 ``(h, w, 3)``: low byte first, then the high byte added strip by strip."""
-    with Image.open(path) as im:
-        _swap_byte_order(im)
-        im.load()
-        pixels = np.asarray(im.convert("RGB")).astype(np.int32)  # (H, W, 3) low bytes
-    with Image.open(path) as im:
-        im.load()
-        im = im.convert("RGB")
-        for y0 in range(0, im.height, 512):
-            strip = np.asarray(im.crop((0, y0, im.width, min(y0 + 512, im.height))))
-            pixels[y0:y0 + strip.shape[0]] += strip.astype(np.int32) << 8
-    if (pixels.shape[1], pixels.shape[0]) != target:
-        factor = pixels.shape[1] // target[0]
-        if factor >= 2:
-            pixels = _box_reduce(pixels, factor)
-    return pixels
+    """16-bit RGB(A) as ``(h, w, 3)``: uint16 at full size, else float32 shrunk to ``target`` on the CPU.
+
+    Decoded twice (low bytes, then high bytes), each pass copied strip by strip into one
+    uint16 array: about 10 bytes per pixel at the peak.
+    """
+    pixels = None
+    for shift in (0, 8):
+        with Image.open(path) as im:
+            if shift == 0:
+                _swap_byte_order(im)
+            im.load()
+            if pixels is None:
+                pixels = np.zeros((im.height, im.width, 3), np.uint16)
+            for y0 in range(0, im.height, 256):
+                strip = np.asarray(im.crop((0, y0, im.width, min(y0 + 256, im.height))))[:, :, :3]
+                pixels[y0:y0 + strip.shape[0]] |= strip.astype(np.uint16) << shift
+    if (pixels.shape[1], pixels.shape[0]) == target:
+        return pixels
+    factor = pixels.shape[1] // target[0]
+    box = (0.0, 0.0, pixels.shape[1] / factor, pixels.shape[0] / factor)  # the image in reduced pixels
+    pixels = _box_reduce(pixels, factor) if factor >= 2 else pixels.astype(np.float32)
+    channels = [Image.fromarray(np.ascontiguousarray(pixels[:, :, c]), "F") for c in range(3)]
+    return np.stack([np.asarray(c.resize(target, Image.Resampling.LANCZOS, box=box)) for c in channels], -1)
 
 
 def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
@@ -274,15 +281,9 @@ def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
 def _to_tensor(pixels: np.ndarray, scale: float, device: torch.device) -> Tensor:
     """``(h, w, C)`` integer or float pixels -> ``(3, h, w)`` float32 in [0, 1], converted on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)  # integers travel before the float copy
-    x = x.permute(2, 0, 1).float().mul_(scale)  # (C, h, w)
-    if pixels.dtype != np.uint8:
-        x = x.clamp_(0.0, 1.0)
-    return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x.contiguous()
-
-
-def _resize(pano: Tensor, size: tuple[int, int]) -> Tensor:
-    out = F.interpolate(pano[None], size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True)
-    return out[0].clamp_(0.0, 1.0)
+    x = x.permute(2, 0, 1).expand(3, -1, -1) if x.shape[-1] == 1 else x.permute(2, 0, 1).contiguous()  # (3, h, w)
+    x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
+    return x if pixels.dtype == np.uint8 else x.clamp_(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- synthetic scene

@@ -183,23 +183,36 @@ def pixel_to_direction(
     x, y = xy[..., 0], xy[..., 1]
     nd = x.dim()
     kind, yaw, pitch, fov, vfov = (_bcast(p, nd) for p in prm)
+    present = set(prm.kind.tolist())
     s = float(image_size)
-    # perspective
-    tx = torch.tan(torch.deg2rad(fov) / 2) * (2 * x / (s - 1) - 1)
-    ty = torch.tan(torch.deg2rad(vfov) / 2) * (1 - 2 * y / (s - 1))
-    ray = torch.stack([tx, ty, torch.ones_like(tx)], dim=-1)
-    rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
-    d_persp = F.normalize(_rotate(rot, ray), dim=-1)
-    # window
-    d_win = lonlat_to_direction(yaw + ((x + 0.5) / s - 0.5) * fov, pitch - ((y + 0.5) / s - 0.5) * vfov)
-    # global
-    top, hc = _letterbox(image_size)
-    v = (y + 0.5 - top) / hc
-    d_glob = lonlat_to_direction(((x + 0.5) / s - 0.5) * 360, (0.5 - v) * 180)
-    k = kind.unsqueeze(-1)
-    dirs = torch.where(k == 0, d_persp, torch.where(k == 1, d_win, d_glob))
-    valid = ((kind != 2) | ((v >= 0) & (v <= 1))).expand(dirs.shape[:-1])
-    return (dirs[0], valid[0]) if single else (dirs, valid)
+    dirs, valid = {}, {}
+    if 0 in present:  # perspective
+        tx = torch.tan(torch.deg2rad(fov) / 2) * (2 * x / (s - 1) - 1)
+        ty = torch.tan(torch.deg2rad(vfov) / 2) * (1 - 2 * y / (s - 1))
+        ray = torch.stack([tx, ty, torch.ones_like(tx)], dim=-1)
+        rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
+        dirs[0], valid[0] = F.normalize(_rotate(rot, ray), dim=-1), None
+    if 1 in present:  # window
+        dirs[1] = lonlat_to_direction(yaw + ((x + 0.5) / s - 0.5) * fov, pitch - ((y + 0.5) / s - 0.5) * vfov)
+        valid[1] = None
+    if 2 in present:  # global
+        top, hc = _letterbox(image_size)
+        v = (y + 0.5 - top) / hc + 0 * kind  # broadcast over the cameras
+        dirs[2] = lonlat_to_direction(((x + 0.5) / s - 0.5) * 360, (0.5 - v) * 180)
+        valid[2] = (v >= 0) & (v <= 1)
+    out = _select(kind.unsqueeze(-1), dirs)
+    ok = _select(kind, {k: torch.ones_like(out[..., 0], dtype=torch.bool) if m is None else m for k, m in valid.items()})
+    ok = ok.expand(out.shape[:-1])
+    return (out[0], ok[0]) if single else (out, ok)
+
+
+def _select(kind: Tensor, values: dict[int, Tensor]) -> Tensor:
+    """Per camera the value of its kind (``kind`` broadcasts against the values)."""
+    codes = sorted(values)
+    out = values[codes[-1]]
+    for code in reversed(codes[:-1]):
+        out = torch.where(kind == code, values[code], out)
+    return out
 
 
 def direction_to_pixel(
@@ -222,33 +235,35 @@ def direction_to_pixel(
     prm = _params(cams, dirs)
     nd = dirs.dim() - 1
     kind, yaw, pitch, fov, vfov = (_bcast(p, nd) for p in prm)
+    present = set(prm.kind.tolist())
     s = float(image_size)
-    # perspective
-    rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
-    cam = _rotate(rot.transpose(-1, -2), dirs)  # world -> camera
-    cz = cam[..., 2]
-    front = cz > 1e-9
-    czs = torch.where(front, cz, torch.ones_like(cz))
-    tan_x, tan_y = torch.tan(torch.deg2rad(fov) / 2), torch.tan(torch.deg2rad(vfov) / 2)
-    tx, ty = cam[..., 0] / czs, cam[..., 1] / czs
-    xp = (tx / tan_x + 1) * (s - 1) / 2
-    yp = (1 - ty / tan_y) * (s - 1) / 2
-    in_p = front & (tx.abs() < tan_x * (1 - _INSIDE_EPS)) & (ty.abs() < tan_y * (1 - _INSIDE_EPS))
-    # window
-    lon, lat = direction_to_lonlat(dirs)
-    dlon = torch.remainder(lon - yaw + 180, 360) - 180
-    dlat = lat - pitch
-    xw = (dlon / fov + 0.5) * s - 0.5
-    yw = (0.5 - dlat / vfov) * s - 0.5
-    in_w = (dlon.abs() < fov / 2 * (1 - _INSIDE_EPS)) & (dlat.abs() < vfov / 2 * (1 - _INSIDE_EPS))
-    # global
-    top, hc = _letterbox(image_size)
-    xg = (lon / 360 + 0.5) * s - 0.5
-    yg = top + (0.5 - lat / 180) * hc - 0.5
-    x = torch.where(kind == 0, xp, torch.where(kind == 1, xw, xg))
-    y = torch.where(kind == 0, yp, torch.where(kind == 1, yw, yg))
-    inside = torch.where(kind == 0, in_p, torch.where(kind == 1, in_w, torch.ones_like(in_w)))
-    xy = torch.stack([x, y], dim=-1)
+    xs, ys, ins = {}, {}, {}
+    if 0 in present:  # perspective
+        rot = camera_rotation(prm.yaw, prm.pitch).reshape(len(cams), *([1] * (nd - 1)), 3, 3)
+        cam = _rotate(rot.transpose(-1, -2), dirs)  # world -> camera
+        cz = cam[..., 2]
+        front = cz > 1e-9
+        czs = torch.where(front, cz, torch.ones_like(cz))
+        tan_x, tan_y = torch.tan(torch.deg2rad(fov) / 2), torch.tan(torch.deg2rad(vfov) / 2)
+        tx, ty = cam[..., 0] / czs, cam[..., 1] / czs
+        xs[0] = (tx / tan_x + 1) * (s - 1) / 2
+        ys[0] = (1 - ty / tan_y) * (s - 1) / 2
+        ins[0] = front & (tx.abs() < tan_x * (1 - _INSIDE_EPS)) & (ty.abs() < tan_y * (1 - _INSIDE_EPS))
+    if present - {0}:
+        lon, lat = direction_to_lonlat(dirs)
+    if 1 in present:  # window
+        dlon = torch.remainder(lon - yaw + 180, 360) - 180
+        dlat = lat - pitch
+        xs[1] = (dlon / fov + 0.5) * s - 0.5
+        ys[1] = (0.5 - dlat / vfov) * s - 0.5
+        ins[1] = (dlon.abs() < fov / 2 * (1 - _INSIDE_EPS)) & (dlat.abs() < vfov / 2 * (1 - _INSIDE_EPS))
+    if 2 in present:  # global: sees the whole sphere
+        top, hc = _letterbox(image_size)
+        xs[2] = (lon / 360 + 0.5) * s - 0.5 + 0 * kind
+        ys[2] = top + (0.5 - lat / 180) * hc - 0.5 + 0 * kind
+        ins[2] = torch.ones_like(xs[2], dtype=torch.bool)
+    xy = torch.stack([_select(kind, xs), _select(kind, ys)], dim=-1)
+    inside = _select(kind, ins)
     return (xy[0], inside[0]) if single else (xy, inside)
 
 

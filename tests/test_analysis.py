@@ -60,7 +60,7 @@ class DirectionEncoder(nn.Module):
 
     patch_size = 16
 
-    def __init__(self, views, dim=48, freq=2.0, seed=0):
+    def __init__(self, views, dim=48, freq=4.0, seed=0):
         super().__init__()
         s, p = views.image_size, self.patch_size
         centres = (torch.arange(s // p, dtype=torch.float64) + 0.5) * p - 0.5
@@ -149,8 +149,8 @@ def test_convention_direction_features_overlap_beats_token_cosine(pano):
     m = result.levels["vision_encoder"].metrics
     assert m["overlap_cosine"].mean > 0.9
     assert m["token_cosine"].mean < m["overlap_cosine"].mean - 0.3
-    assert m["hungarian_accuracy"].mean > 0.5
-    assert m["ssim"].mean > 0.6
+    assert m["hungarian_accuracy"].mean > 0.8  # the order-free matching finds the geometric partners
+    assert m["ssim"].mean > 0.9
 
     # a scene-independent encoder (random tokens per view) does not show the effect
     class Noise(nn.Module):

@@ -43,7 +43,7 @@ class TinyModule(LightningModule):
         self.vision_encoder = SiglipVisionModel(cfg)
         self.resampler = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 16))
         self.dropout = nn.Dropout(0.2)
-        self.frozen_bn = nn.BatchNorm1d(16).requires_grad_(False)
+        self.frozen_bn = nn.BatchNorm1d(16).requires_grad_(False).eval()
         self.data = torch.rand(num_images, 3, _SIZE, _SIZE, generator=torch.Generator().manual_seed(0))
         self.with_val = with_val
         self.steps = 0
@@ -93,8 +93,8 @@ def _fit(tmp_path: Path, callbacks: list[Callback], *, model: LightningModule | 
     if logger is True:
         logger = TensorBoardLogger(tmp_path, name="tb")
     settings = {"max_epochs": 2, "limit_train_batches": 2, "limit_val_batches": 1, "num_sanity_val_steps": 0,
-                "log_every_n_steps": 1, **kwargs}
-    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
+                "log_every_n_steps": 1, "accelerator": "cpu", **kwargs}
+    trainer = Trainer(default_root_dir=tmp_path, devices=1, logger=logger, callbacks=callbacks,
                       enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
                       enable_progress_bar=False, enable_model_summary=False, **settings)
     trainer.fit(model, ckpt_path=ckpt_path)
@@ -227,12 +227,21 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------- side effects
 class _Spy(Callback):
-    """Records what training can observe at ``on_train_epoch_end`` (put one before and one after the callback)."""
+    """Records what training can observe at ``on_train_epoch_end`` (put one before and one after the callback).
 
-    def __init__(self) -> None:
+    ``plant_grads`` gives every parameter a ``.grad`` first (the next step zeroes it), so that a change
+    shows; ``reference`` (the spy before) has its ``requires_grad`` / ``.grad`` snapshot checked.
+    """
+
+    def __init__(self, plant_grads: bool = False, reference: _Spy | None = None) -> None:
         self.seen: list[dict[str, Any]] = []
+        self.plant_grads, self.reference = plant_grads, reference
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for p in pl_module.parameters() if self.plant_grads else ():
+            p.grad = torch.randn_like(p)
+        if self.reference is not None:
+            _check_grads_unchanged(pl_module, self.reference.seen[-1]["grads"])
         self.seen.append({
             "modes": [m.training for m in pl_module.modules()],
             "rng": (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()),
@@ -242,7 +251,8 @@ class _Spy(Callback):
 
 
 def test_no_side_effects(tmp_path):
-    before, after, cb = _Spy(), _Spy(), _callback()
+    before, cb = _Spy(plant_grads=True), _callback()
+    after = _Spy(reference=before)
     _, model = _fit(tmp_path, [before, cb, after], max_epochs=2)
     assert len(cb.history) == 2 and len(before.seen) == len(after.seen) == 2
     for b, a in zip(before.seen, after.seen):
@@ -251,10 +261,10 @@ def test_no_side_effects(tmp_path):
         assert a["rng"][2] == b["rng"][2]
         for k, v in b["weights"].items():  # incl. the frozen BatchNorm's running statistics
             assert torch.equal(a["weights"][k], v), k
-    snapshot = before.seen[-1]["grads"]
-    assert any(g is not None for _, g in snapshot.values())  # the last step's gradients are still there
-    _check_grads_unchanged(model, snapshot)
-    assert model.training and not model.frozen_bn.training
+    frozen = [name for name, (requires_grad, _) in before.seen[-1]["grads"].items() if not requires_grad]
+    assert frozen == ["frozen_bn.weight", "frozen_bn.bias"]
+    bn = list(model.modules()).index(model.frozen_bn)
+    assert all(seen["modes"][0] and not seen["modes"][bn] for seen in before.seen)  # training, BatchNorm frozen
     for level in cb.last_result.levels.values():
         tokens = level.features.tokens
         assert not tokens.requires_grad and tokens.grad_fn is None and not tokens.is_inference()
@@ -370,7 +380,7 @@ def _raise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def _panoviz_warnings(record: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in record if "PanoVizCallback" in str(w.message)]
+    return [str(w.message) for w in record if "skipped the probe analysis" in str(w.message)]
 
 
 def test_fault_encoder_raising_warns_once(tmp_path):
@@ -384,13 +394,14 @@ def test_fault_encoder_raising_warns_once(tmp_path):
     assert trainer.state.finished and model.steps == 6 and cb.history == []
 
 
-class _NaNOnce:
-    """Encoder callable whose first call returns NaN tokens."""
+class _NaNOnce(nn.Module):
+    """Encoder whose first forward returns NaN tokens."""
 
     def __init__(self, model: TinyModule) -> None:
+        super().__init__()
         self.model, self.calls = model, 0
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         tokens = self.model.vision_encoder(pixel_values=pixels).last_hidden_state
         return tokens * float("nan") if self.calls == 1 else tokens
@@ -433,7 +444,7 @@ def test_fault_bad_probe_fails_in_setup(tmp_path):
 # ---------------------------------------------------------------------- schedules
 def test_schedule_steps_and_epochs(tmp_path):
     cb = _callback(every_n_train_steps=2, every_n_epochs=1, log_images=False)
-    _fit(tmp_path, [cb], max_epochs=2, limit_train_batches=3, logger=False)
+    _fit(tmp_path, [cb], model=TinyModule(num_images=12), max_epochs=2, limit_train_batches=3, logger=False)
     assert [h["step"] for h in cb.history] == [2, 3, 4, 6]  # step 6 is both; it fires once
     assert [h["epoch"] for h in cb.history] == [0, 0, 1, 1]
 

@@ -6,8 +6,6 @@ import math
 import os
 import re
 import struct
-import subprocess
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -110,14 +108,14 @@ class TestLoadPanorama:
 
     @pytest.mark.parametrize("suffix", [".png", ".tiff"])
     def test_16bit_gray(self, tmp_path, suffix):
-        k = np.arange(40, dtype=np.uint16).reshape(4, 10) * 6
+        k = np.arange(50, dtype=np.uint16).reshape(5, 10) * 5
         a = (k * 257).astype(np.uint16)
         a[0, :3] = (0, 1, 65535)
         path = tmp_path / f"gray16{suffix}"
         Image.fromarray(a).save(path)
         assert Image.open(path).mode.startswith("I;16")
         pano = load_panorama(path)
-        assert pano.shape == (3, 4, 10)
+        assert pano.shape == (3, 5, 10)
         np.testing.assert_allclose(pano[0, 1:].numpy(), k[1:] / 255.0, atol=1e-6)  # 257 * k -> k / 255
         assert pano[0, 0, 0] == 0.0 and pano[0, 0, 2] == 1.0
         assert pano[0, 0, 1] == pytest.approx(1 / 65535, abs=1e-9)  # the low byte survives
@@ -234,7 +232,7 @@ class TestLoadPanorama:
 
     def test_2to1_does_not_warn(self, tmp_path):
         path = tmp_path / "ok.png"
-        Image.fromarray(np.zeros((50, 101, 3), np.uint8)).save(path)  # within 1 % of 2:1
+        Image.fromarray(np.zeros((50, 101, 3), np.uint8)).save(path)  # one pixel off 2:1
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             load_panorama(path)
@@ -312,34 +310,28 @@ class TestLoadPanorama:
         if torch.cuda.is_available():
             assert torch.allclose(load_panorama(path, device="cuda").cpu(), cpu)
 
-    def test_large_jpeg_memory(self, tmp_path):
-        """A 16384 x 8192 JPEG loaded with max_width=4096 stays far below 1.5 GB (peak RSS of a fresh process)."""
-        path = tmp_path / "huge.jpg"
-        script = (
-            "import sys, resource, numpy as np\n"
-            "from PIL import Image\n"
-            "Image.MAX_IMAGE_PIXELS = None\n"
-            "tile = Image.fromarray(np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8))\n"
-            "im = Image.new('RGB', (16384, 8192), (90, 120, 150))\n"
-            "[im.paste(tile, (x, y)) for x in range(0, 16384, 2048) for y in range(0, 8192, 2048)]\n"
-            "im.save(sys.argv[1], quality=80)\n"
-        )
-        subprocess.run([sys.executable, "-c", script, str(path)], check=True, timeout=120)
-        probe = (
-            "import sys, resource, warnings\n"
-            "warnings.simplefilter('error')\n"
-            "from panoviz_callback.panorama import load_panorama\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "pano = load_panorama(sys.argv[1], max_width=4096)\n"
-            "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "print(tuple(pano.shape), before, after)\n"
-        )
-        out = subprocess.run([sys.executable, "-c", probe, str(path)], check=True, capture_output=True, text=True,
-                             timeout=120, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-        shape, before_kib, after_kib = out.stdout.strip().rsplit(" ", 2)[0], *map(int, out.stdout.split()[-2:])
-        assert shape == "(3, 2048, 4096)"
-        assert after_kib < 1.5 * 2**20  # peak RSS of the whole process, KiB
-        assert after_kib - before_kib < 0.5 * 2**20
+    def test_large_jpeg_decodes_at_reduced_scale(self, tmp_path, monkeypatch):
+        """With max_width, a big JPEG is decoded at 1/8 scale (libjpeg DCT scaling), never at full size."""
+        path = tmp_path / "big.jpg"
+        tile = Image.fromarray(np.uint8(_smooth_rgb(256, 512) * 255))
+        im = Image.new("RGB", (4096, 2048))
+        for x in range(0, 4096, 512):
+            for y in range(0, 2048, 256):
+                im.paste(tile, (x, y))
+        im.save(path, quality=90)
+        decoded = []
+        original_load = ImageFile.ImageFile.load
+
+        def spy(self):
+            decoded.append(self.size)
+            return original_load(self)
+
+        monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+        pano = load_panorama(path, max_width=500)
+        assert pano.shape == (3, 250, 500)
+        assert decoded and max(decoded) == (512, 256)
+        reference = np.asarray(tile.resize((500 // 8, 250 // 8), Image.Resampling.LANCZOS), dtype=np.float32) / 255.0
+        assert np.abs(_as_hwc(pano[:, :31, :62]) - reference[:31, :62]).mean() < 0.03
 
     @pytest.mark.skipif(not SHARED_PANORAMA.exists(), reason="shared sample panoramas not present")
     def test_real_panorama(self):
@@ -407,7 +399,7 @@ class TestSyntheticPanorama:
         walls = [(0, _FRONT), (90, _RIGHT), (180, _BACK), (-90, _LEFT)]
         names = list(_WALL_COLORS)
         for lon, face in walls:
-            rows = slice(_row(25, h), _row(8, h) + 1)
+            rows = slice(_row(15, h), _row(4, h) + 1)  # plain wall between eye level and the cornice
             cols = [_col(lon + d, 2 * h) for d in (-4, -2, 0, 2, 4)]
             assert (labels[rows][:, cols] == face).all()
             mean = pano[rows][:, cols].reshape(-1, 3).mean(0)
@@ -439,9 +431,11 @@ class TestSyntheticPanorama:
         checked = 0
         for col in range(view.shape[1]):
             column = view[:, col]
-            if _OBJECT in column[len(ys) // 2:] or (column == _FRONT).sum() < 5:
+            if (column == _FRONT).sum() < 5:
                 continue
             last_front = np.nonzero(column == _FRONT)[0].max()
+            if column[last_front + 1] == _OBJECT:  # an object hides the edge here
+                continue
             assert column[last_front + 1] == _FLOOR
             assert abs(last_front + 0.5 - expected_row) <= 1.0
             checked += 1
@@ -449,7 +443,7 @@ class TestSyntheticPanorama:
         xs = np.linspace(-math.tan(math.radians(60)), math.tan(math.radians(60)), 201)
         for corner_x, side in ((_ROOM_LO[0], _LEFT), (_ROOM_HI[0], _RIGHT)):
             expected_col = np.interp(corner_x / _ROOM_HI[2], xs, np.arange(len(xs)))
-            band = view[len(ys) // 2 - 30: len(ys) // 2]  # wall rows above eye level: no objects there
+            band = view[(ys > 0.02) & (ys < 0.3)]  # wall rows above eye level (no objects), below the ceiling
             cols = np.nonzero((band == _FRONT).any(0))[0]
             edge = cols.min() - 0.5 if side == _LEFT else cols.max() + 0.5
             assert abs(edge - expected_col) <= 1.0

@@ -1,0 +1,520 @@
+"""PCA of token features to RGB maps (DINOv2-style), in torch on the features' device.
+
+One PCA is fitted jointly over the tokens of all views, so one colour means one
+feature direction across views. Everything runs batched on ``feats.device`` with
+autocast and autograd off; inputs are cast to float32 and the outputs are float32.
+No global random state is read or advanced: the subspace iteration draws its start
+from its own ``torch.Generator`` with a fixed seed.
+
+Convention:
+    - Components are sorted by decreasing variance. A first fit (no previous state)
+      makes each component's largest-magnitude loading positive (the first such
+      entry on ties). A later fit flips each component so that its dot product with
+      the same-index component of the previous basis is >= 0 (``PCAState.basis``).
+      ``freeze=True`` reuses the state's basis (and first-PC direction) as is.
+    - Colour range: per component, the 2nd..98th percentiles of the coordinates of
+      the foreground tokens map linearly to [0, 1], values outside are clipped. The
+      range is data and is recomputed on every call, also with a frozen basis. A
+      component with an empty range (all equal) is drawn as 0.5.
+    - Channels: ``n_components=1`` gives a grey map (the component on R, G and B),
+      ``2`` gives R, G with B = 0, ``>3`` draws the first three and keeps all K in
+      the state. Background tokens (``threshold`` mode only) are drawn black.
+    - Token ``n`` of a view sits at row ``n // gw``, column ``n % gw`` (row-major).
+    - Numerics: centring and the subspace iteration run in float64 (its products are
+      ``(M, D) x (D, k + 8)``, about as fast as float32 at these sizes, and free of
+      a float32 convergence floor); the covariance of the ``eigh`` path is a float32
+      product followed by a float64 ``eigh`` (~100x closer to a float64 reference
+      than a float32 ``eigh``). Where float32 matmuls are set to reduced precision
+      (TF32, ``torch.set_float32_matmul_precision("high")``) the float32 products
+      run in float64 instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from panoviz_callback._checks import _check_choice, _check_range, _check_shape
+
+__all__ = ["PCAState", "fit_pca", "pca_rgb"]
+
+BgRemoval = Literal["threshold", "remove_first_pc", "outlier_removal", "none"]
+_BG_REMOVAL = ("threshold", "remove_first_pc", "outlier_removal", "none")
+_METHODS = ("auto", "eigh", "subspace")
+
+_SEED = 0x5EED_C0DE          # the subspace iteration's own generator
+_OVERSAMPLE = 8              # block size k + 8: convergence rate lambda_{k+9} / lambda_k
+_TOL = 1e-5                  # stop when residual_j <= _TOL * eigengap_j (sin(angle) bound)
+_MAX_ITER = 40               # then fall back to eigh
+_AUTO_MIN_DIM = 256          # "auto": subspace iteration for D >= 256 and k <= 32
+_AUTO_MAX_K = 32
+_QUANTILES = (0.02, 0.98)
+_OUTLIER_PERCENT = 5
+_OUTLIER_DIMS = 16
+_OUTLIER_ITERS = 8           # approximate top-16 subspace is enough to rank outliers
+_MAD_TO_STD = 1.4826
+_STATE_VERSION = 1
+
+
+@dataclass
+class PCAState:
+    """What a fit leaves for the next one (stable colours) or for a frozen reuse.
+
+    Only tensors, strings and ``None``, so it fits a ``weights_only`` checkpoint.
+
+    Attributes:
+        mean: ``(D,)`` mean of the tokens the colour basis was fitted on.
+        basis: ``(D, K)`` orthonormal colour components, sign-aligned with the previous fit.
+        lo: ``(K,)`` colour range, 2nd percentile per component (last call's data).
+        hi: ``(K,)`` colour range, 98th percentile per component.
+        fg_basis: ``(D,)`` first principal component of all tokens: the foreground
+            direction of ``threshold`` mode (background at its low end) or the
+            component dropped by ``remove_first_pc``; ``None`` in the other modes.
+        bg_removal: the mode that produced the state.
+        note: why the fit deviated from the mode (e.g. no foreground), else ``None``.
+    """
+
+    mean: Tensor
+    basis: Tensor
+    lo: Tensor
+    hi: Tensor
+    fg_basis: Tensor | None = None
+    bg_removal: str = "none"
+    note: str | None = None
+
+    @property
+    def n_components(self) -> int:
+        """K, the number of colour components kept."""
+        return int(self.basis.shape[1])
+
+    def to(self, device: torch.device | str) -> PCAState:
+        """Return a copy with every tensor on ``device``."""
+        fg = None if self.fg_basis is None else self.fg_basis.to(device)
+        return replace(self, mean=self.mean.to(device), basis=self.basis.to(device), lo=self.lo.to(device),
+                       hi=self.hi.to(device), fg_basis=fg)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors (detached copies on the CPU, so a checkpoint loads anywhere) and plain values."""
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().to("cpu", copy=True)
+
+        return {"version": _STATE_VERSION, "mean": cpu(self.mean), "basis": cpu(self.basis), "lo": cpu(self.lo),
+                "hi": cpu(self.hi), "fg_basis": cpu(self.fg_basis), "bg_removal": self.bg_removal, "note": self.note}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, Any]) -> PCAState:
+        """Rebuild a state from :meth:`state_dict` output (tensors stay on the CPU).
+
+        Raises:
+            ValueError: keys are missing or the shapes do not fit together.
+            TypeError: an entry has the wrong type.
+        """
+        missing = [key for key in ("mean", "basis", "lo", "hi") if key not in d]
+        if missing:
+            raise ValueError(f"Expected a PCAState state dict with keys ('mean', 'basis', 'lo', 'hi'), missing {missing}.")
+        _check_shape(d["mean"], "D", "mean")
+        _check_shape(d["basis"], f"{d['mean'].shape[0]} K", "basis")
+        k = d["basis"].shape[1]
+        _check_shape(d["lo"], f"{k}", "lo")
+        _check_shape(d["hi"], f"{k}", "hi")
+        fg = d.get("fg_basis")
+        if fg is not None:
+            _check_shape(fg, f"{d['mean'].shape[0]}", "fg_basis")
+        bg_removal, note = d.get("bg_removal", "none"), d.get("note")
+        if not isinstance(bg_removal, str) or not (note is None or isinstance(note, str)):
+            raise TypeError("Expected `bg_removal` to be a str and `note` a str or None.")
+        return cls(mean=d["mean"], basis=d["basis"], lo=d["lo"], hi=d["hi"], fg_basis=fg, bg_removal=bg_removal,
+                   note=note)
+
+
+def fit_pca(
+    x: Tensor, k: int, *, method: Literal["auto", "eigh", "subspace"] = "auto", init_basis: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``k`` principal components of the rows of ``x``, deterministic, on ``x.device``.
+
+    The covariance is :math:`(x - \\bar x)^T (x - \\bar x) / (M - 1)`. Either method gives
+    the components of a full ``torch.linalg.eigh`` of it to about 1e-5 (up to the sign
+    rule below) when the eigengaps around the first ``k`` are not tiny.
+
+    Args:
+        x: ``(M, D)`` samples, ``M >= 2``.
+        k: number of components, ``1 <= k <= D``.
+        method:
+            - ``"eigh"``: full eigendecomposition of the ``(D, D)`` covariance (float64 ``eigh``).
+            - ``"subspace"``: block subspace iteration on ``k + 8`` vectors (QR each step,
+              Rayleigh-Ritz each step), stopped when every residual is below 1e-5 times the
+              eigengap of its component; without convergence in 40 steps it falls back to ``eigh``.
+            - ``"auto"``: ``"subspace"`` for ``D >= 256`` and ``k <= 32``, else ``"eigh"``.
+        init_basis: ``(D, K')`` warm start for ``"subspace"`` (e.g. the previous epoch's basis);
+            missing columns are random. Not used for signs.
+        generator: source of the random start; default a fresh generator with a fixed seed
+            (the global RNG is never used).
+
+    Returns:
+        ``mean (D,)``, ``basis (D, k)`` orthonormal columns by decreasing variance, each with its
+        largest-magnitude loading positive, and ``explained_variance (k,)``. All float32.
+
+    Raises:
+        ValueError: bad shapes, ``k`` out of range or an unknown ``method``.
+        TypeError: ``x`` is not a floating-point tensor.
+
+    Example:
+        >>> x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0)) * torch.arange(8.0, 0, -1)
+        >>> mean, basis, var = fit_pca(x, 2)
+        >>> basis.shape, bool(var[0] > var[1])
+        (torch.Size([8, 2]), True)
+    """
+    _check_shape(x, "M D", "x")
+    _check_floating(x, "x")
+    m, d = x.shape
+    if m < 2:
+        raise ValueError(f"Expected `x` with at least 2 rows, got {m}.")
+    _check_int(k, "k", 1, d)
+    _check_choice(method, _METHODS, "method")
+    if init_basis is not None:
+        _check_shape(init_basis, f"{d} K", "init_basis")
+    with _numerics(x.device):
+        return _fit(x.detach().float(), k, method, init_basis, generator)
+
+
+def pca_rgb(
+    feats: Tensor, grid_hw: tuple[int, int], *, n_components: int = 3, bg_removal: BgRemoval = "threshold",
+    bg_threshold: float = 0.5, state: PCAState | None = None, freeze: bool = False,
+) -> tuple[Tensor, Tensor, PCAState]:
+    """Map token features of all views to RGB images with one joint PCA.
+
+    Args:
+        feats: ``(V, N, D)`` token features, ``N = gh * gw``.
+        grid_hw: ``(gh, gw)`` token grid (``(1, Q)`` for query tokens: a strip per view).
+        n_components: K >= 1 components kept in the state (see the module's Convention).
+        bg_removal:
+            - ``"threshold"``: the first principal component of all tokens, oriented so that
+              the more homogeneous side is background (the side of the mid-range split whose
+              tokens have the smaller mean squared distance to their centroid goes to the
+              low end), min-max scaled to [0, 1]; tokens below ``bg_threshold`` are background,
+              drawn black. The colour PCA is fitted on the foreground only. With fewer than
+              K + 1 foreground tokens it falls back to all tokens and records a ``note``.
+            - ``"remove_first_pc"``: fit K + 1 components on all tokens, colours from 2..K+1.
+            - ``"outlier_removal"``: robust Mahalanobis distance (coordinates on the top 16
+              principal directions, standardised per direction by median and MAD, Euclidean
+              norm); the 5% farthest tokens are left out of the fit and the colour range but
+              still drawn (clipped). ``fg_mask`` marks the inliers.
+            - ``"none"``: all tokens, components 1..K.
+        bg_threshold: threshold in [0, 1] on the min-max scaled first component.
+        state: previous result: warm start, and each new component's sign follows it.
+        freeze: reuse ``state``'s basis (and first-PC direction) as is; the colour range,
+            foreground and outliers are still computed from ``feats``.
+
+    Returns:
+        ``images (V, 3, gh, gw)`` float32 in [0, 1], ``fg_mask (V, N)`` bool (the tokens the
+        colour fit and range used) and the new :class:`PCAState`.
+
+    Raises:
+        ValueError: bad shapes or options, non-finite features, or a ``state`` that does not fit.
+        TypeError: ``feats`` is not a floating-point tensor or ``state`` not a ``PCAState``.
+
+    Example:
+        >>> feats = torch.randn(4, 6, 16, generator=torch.Generator().manual_seed(0))
+        >>> images, fg_mask, state = pca_rgb(feats, (2, 3), bg_removal="none")
+        >>> images.shape, fg_mask.shape, state.basis.shape
+        (torch.Size([4, 3, 2, 3]), torch.Size([4, 6]), torch.Size([16, 3]))
+    """
+    _check_shape(feats, "V N D", "feats")
+    _check_floating(feats, "feats")
+    v, n, d = feats.shape
+    gh, gw = _check_grid(grid_hw, n)
+    _check_choice(bg_removal, _BG_REMOVAL, "bg_removal")
+    _check_int(n_components, "n_components", 1, d - 1 if bg_removal == "remove_first_pc" else d)
+    _check_range(bg_threshold, "bg_threshold", 0.0, 1.0)
+    if v * n < 2:
+        raise ValueError(f"Expected `feats` with at least 2 tokens in all, got {v * n}.")
+    _check_state(state, d, n_components, bg_removal, freeze)
+    k = n_components
+    with _numerics(feats.device):
+        x = feats.detach().reshape(v * n, d).float()  # (M, D)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("Expected `feats` to be finite, got NaN or inf values.")
+        prev = None if state is None else state.to(x.device)
+        note, fg_basis, black = None, None, None
+        if bg_removal == "threshold":
+            fg, fg_basis, note = _threshold_foreground(x, k, bg_threshold, prev, freeze)
+            black = ~fg
+        elif bg_removal == "outlier_removal":
+            fg = _inliers(x)
+        else:
+            fg = torch.ones(v * n, dtype=torch.bool, device=x.device)
+        if bg_removal == "remove_first_pc":
+            mean, basis, fg_basis = _fit_without_first(x, k, prev, freeze)
+        else:
+            mean, basis = _colour_basis(x[fg], k, prev, freeze)
+        coords = _matmul(x - mean, basis)  # (M, K)
+        unit, lo, hi = _unit_range(coords, fg)
+        images = _to_images(unit, black, v, gh, gw)
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=2)
+    new_state = PCAState(mean=mean, basis=basis, lo=lo, hi=hi, fg_basis=fg_basis, bg_removal=bg_removal, note=note)
+    return images, fg.reshape(v, n), new_state
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def _fit(x: Tensor, k: int, method: str, init: Tensor | None = None,
+         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    d = x.shape[1]
+    if method == "auto":
+        method = "subspace" if d >= _AUTO_MIN_DIM and k <= _AUTO_MAX_K else "eigh"
+    out = _subspace(x, k, init, generator) if method == "subspace" else None
+    if out is None:
+        out = _eigh(x, k)
+    mean, basis, var = out
+    return mean, _largest_loading_positive(basis), var
+
+
+def _eigh(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    xd = x.double()
+    mean = xd.mean(0)  # (D,)
+    xc = (xd - mean).to(_matmul_dtype(x.device))  # (M, D)
+    cov = (xc.T @ xc).double() / (x.shape[0] - 1)  # (D, D)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    basis = evecs[:, -k:].flip(-1)  # (D, k)
+    var = evals[-k:].flip(0).clamp_min(0)
+    return mean.float(), basis.float(), var.float()
+
+
+def _subspace(x: Tensor, k: int, init: Tensor | None, generator: torch.Generator | None, *,
+              max_iter: int = _MAX_ITER, exact: bool = True) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Block subspace iteration with Rayleigh-Ritz; ``None`` when it does not converge (``exact``)."""
+    m, d = x.shape
+    p = k + _OVERSAMPLE
+    if p >= d or k >= m:
+        return None  # the full eigh is as cheap, or the spectrum is degenerate
+    xd = x.double()
+    mean = xd.mean(0)  # (D,)
+    xc = xd - mean  # (M, D)
+    q = torch.linalg.qr(_start_block(d, p, init, generator, x.device)).Q  # (D, p)
+    for _ in range(max_iter):
+        z = xc.T @ (xc @ q) / (m - 1)  # (D, p) = C q
+        t = q.T @ z  # (p, p)
+        theta, w = torch.linalg.eigh((t + t.T) / 2)
+        theta, w = theta.flip(0), w.flip(1)  # decreasing Ritz values
+        vecs, cvecs = q @ w, z @ w  # Ritz vectors and C times them, (D, p)
+        res = (cvecs[:, :k] - vecs[:, :k] * theta[:k]).norm(dim=0)  # (k,)
+        step = theta[:-1] - theta[1:]  # (p - 1,) gap to the next Ritz value
+        gap = torch.minimum(step[:k], torch.cat([step.new_full((1,), torch.inf), step[:k - 1]]))
+        if bool((res <= _TOL * gap).all()):
+            return mean.float(), vecs[:, :k].float(), theta[:k].clamp_min(0).float()
+        q = torch.linalg.qr(cvecs).Q
+    if exact:
+        return None
+    return mean.float(), vecs[:, :k].float(), theta[:k].clamp_min(0).float()
+
+
+def _start_block(d: int, p: int, init: Tensor | None, generator: torch.Generator | None,
+                 device: torch.device) -> Tensor:
+    cols = [] if init is None else [init[:, :p].to(device=device, dtype=torch.float64)]
+    n_rand = p - (0 if init is None else cols[0].shape[1])
+    if n_rand > 0:
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(_SEED)
+        rand = torch.randn(d, n_rand, generator=generator, device=generator.device, dtype=torch.float64)
+        cols.append(rand.to(device))
+    return torch.cat(cols, 1)  # (D, p)
+
+
+def _largest_loading_positive(basis: Tensor) -> Tensor:
+    idx = basis.abs().argmax(0, keepdim=True)  # (1, K), the first maximum on ties
+    sign = torch.where(basis.gather(0, idx) < 0, -1.0, 1.0)
+    return basis * sign
+
+
+def _align_signs(basis: Tensor, ref: Tensor) -> Tensor:
+    """Flip the first min(K, K') columns of ``basis (D, K)`` to agree with ``ref (D, K')``."""
+    k = min(basis.shape[1], ref.shape[1])
+    dots = (basis[:, :k] * ref[:, :k].to(basis.dtype)).sum(0)  # (k,)
+    sign = torch.ones(basis.shape[1], dtype=basis.dtype, device=basis.device)
+    sign[:k] = torch.where(dots < 0, -1.0, 1.0)
+    return basis * sign
+
+
+# ---------------------------------------------------------------- background modes
+
+
+def _colour_basis(x: Tensor, k: int, prev: PCAState | None, freeze: bool) -> tuple[Tensor, Tensor]:
+    if freeze:
+        return prev.mean, prev.basis
+    mean, basis, _ = _fit(x, k, "auto", None if prev is None else prev.basis)
+    if prev is not None:
+        basis = _align_signs(basis, prev.basis)
+    return mean, basis
+
+
+def _fit_without_first(x: Tensor, k: int, prev: PCAState | None, freeze: bool) -> tuple[Tensor, Tensor, Tensor]:
+    if freeze:
+        return prev.mean, prev.basis, prev.fg_basis
+    init = None
+    if prev is not None:
+        init = prev.basis if prev.fg_basis is None else torch.cat([prev.fg_basis[:, None], prev.basis], 1)
+    mean, both, _ = _fit(x, k + 1, "auto", init)
+    first, basis = both[:, :1], both[:, 1:]  # (D, 1), (D, K)
+    if prev is not None:
+        basis = _align_signs(basis, prev.basis)
+        if prev.fg_basis is not None:
+            first = _align_signs(first, prev.fg_basis[:, None])
+    return mean, basis, first[:, 0]
+
+
+def _threshold_foreground(x: Tensor, k: int, threshold: float, prev: PCAState | None,
+                          freeze: bool) -> tuple[Tensor, Tensor, str | None]:
+    if freeze:
+        direction = prev.fg_basis
+    else:
+        init = None if prev is None or prev.fg_basis is None else prev.fg_basis[:, None]
+        _, first, _ = _fit(x, 1, "auto", init)
+        direction = _background_low(x, first[:, 0])
+    score = _matmul(x - x.mean(0), direction[:, None])[:, 0]  # (M,)
+    low, high = score.aminmax()
+    fg = (score - low) / (high - low) >= threshold  # a flat score gives NaN: no foreground
+    n_fg = int(fg.sum())
+    if n_fg >= k + 1:
+        return fg, direction, None
+    note = (f"bg_removal='threshold': {n_fg} foreground token(s) at bg_threshold={threshold:g}, fewer than "
+            f"n_components + 1 = {k + 1}; used all tokens instead.")
+    return torch.ones_like(fg), direction, note
+
+
+def _background_low(x: Tensor, direction: Tensor) -> Tensor:
+    """Orient ``direction (D,)`` so that the more homogeneous side of the mid-range split is low."""
+    score = _matmul(x - x.mean(0), direction[:, None])[:, 0]  # (M,)
+    low, high = score.aminmax()
+    upper = score >= (low + high) / 2
+    if not bool(upper.any()) or bool(upper.all()):
+        return direction
+    flip = _spread(x[upper]) < _spread(x[~upper])
+    return torch.where(flip, -direction, direction)
+
+
+def _spread(x: Tensor) -> Tensor:
+    return (x - x.mean(0)).square().sum(1).mean()
+
+
+def _inliers(x: Tensor) -> Tensor:
+    """Leave out the 5% of tokens with the largest robust (median/MAD) Mahalanobis distance."""
+    m, d = x.shape
+    n_out = m * _OUTLIER_PERCENT // 100
+    keep = torch.ones(m, dtype=torch.bool, device=x.device)
+    if n_out == 0:
+        return keep
+    r = min(_OUTLIER_DIMS, d, m - 1)
+    out = _subspace(x, r, None, None, max_iter=_OUTLIER_ITERS, exact=False) or _eigh(x, r)
+    z = _matmul(x - out[0], out[1])  # (M, r) coordinates on the top-r directions
+    dev = (z - z.median(0).values).abs()  # (M, r)
+    mad = dev.median(0).values * _MAD_TO_STD  # (r,)
+    scale = torch.where(mad > 0, mad, mad.max()).clamp_min(torch.finfo(z.dtype).tiny)
+    dist = (dev / scale).norm(dim=1)  # (M,)
+    keep[torch.argsort(dist, descending=True, stable=True)[:n_out]] = False
+    return keep
+
+
+# ---------------------------------------------------------------- colours
+
+
+def _unit_range(coords: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    q = torch.tensor(_QUANTILES, dtype=coords.dtype, device=coords.device)
+    lo, hi = torch.quantile(coords[fg], q, dim=0)  # (K,), (K,)
+    span = hi - lo
+    ok = span > 0
+    unit = torch.where(ok, (coords - lo) / torch.where(ok, span, 1.0), 0.5).clamp(0.0, 1.0)  # (M, K)
+    return unit, lo, hi
+
+
+def _to_images(unit: Tensor, black: Tensor | None, v: int, gh: int, gw: int) -> Tensor:
+    m, k = unit.shape
+    rgb = unit[:, :3]
+    if k == 1:
+        rgb = rgb.expand(m, 3)
+    elif k == 2:
+        rgb = torch.cat([rgb, rgb.new_zeros(m, 1)], 1)
+    if black is not None:
+        rgb = rgb.masked_fill(black[:, None], 0.0)
+    return rgb.reshape(v, gh, gw, 3).permute(0, 3, 1, 2).contiguous()  # (V, 3, gh, gw)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _numerics(device: torch.device) -> Iterator[None]:
+    """No autograd, no autocast: the float32 math stays float32 whatever the caller set."""
+    try:
+        autocast = torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):
+        autocast = contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        yield
+
+
+def _matmul_dtype(device: torch.device) -> torch.dtype:
+    """float64 where float32 matmuls may run at reduced precision (TF32/bf16), else float32."""
+    try:
+        if device.type == "cuda":
+            matmul = torch.backends.cuda.matmul
+            precision = getattr(matmul, "fp32_precision", None)
+            reduced = matmul.allow_tf32 if precision is None else precision in ("tf32", "bf16")
+        else:
+            precision = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+            reduced = precision in ("tf32", "bf16")
+    except RuntimeError:  # mixed legacy/new precision settings: assume reduced
+        reduced = True
+    return torch.float64 if reduced else torch.float32
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    dtype = _matmul_dtype(a.device)
+    return (a.to(dtype) @ b.to(dtype)).float()
+
+
+def _check_floating(x: Tensor, name: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"Expected `{name}` to be a floating-point tensor, got {x.dtype}.")
+
+
+def _check_int(value: Any, name: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
+    _check_range(value, name, low, high)
+
+
+def _check_grid(grid_hw: Any, n: int) -> tuple[int, int]:
+    if (not isinstance(grid_hw, (tuple, list)) or len(grid_hw) != 2
+            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_hw)):
+        raise ValueError(f"Expected `grid_hw` to be two positive ints (gh, gw), got {grid_hw!r}.")
+    gh, gw = grid_hw
+    if gh * gw != n:
+        raise ValueError(f"Expected `grid_hw` with gh * gw == N = {n}, got {tuple(grid_hw)}.")
+    return gh, gw
+
+
+def _check_state(state: Any, d: int, k: int, bg_removal: str, freeze: bool) -> None:
+    if state is None:
+        if freeze:
+            raise ValueError("Argument `freeze` needs a `state` to reuse, got state=None.")
+        return
+    if not isinstance(state, PCAState):
+        raise TypeError(f"Expected `state` to be a PCAState, got {type(state).__name__}.")
+    if state.basis.shape[0] != d:
+        raise ValueError(f"Expected `state` fitted on D = {d} features, got D = {state.basis.shape[0]}.")
+    if freeze:
+        if state.n_components != k:
+            raise ValueError(f"Expected a frozen `state` with n_components = {k}, got {state.n_components}.")
+        if state.bg_removal != bg_removal:
+            raise ValueError(f"Expected a frozen `state` from bg_removal={bg_removal!r}, got {state.bg_removal!r}.")
+        if bg_removal in ("threshold", "remove_first_pc") and state.fg_basis is None:
+            raise ValueError(f"Expected a frozen `state` with `fg_basis` for bg_removal={bg_removal!r}, got None.")

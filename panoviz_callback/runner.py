@@ -1,0 +1,460 @@
+"""The checkpoint runner: one model, many panoramas, the analysis core's files for each.
+
+:func:`plan_run` merges the command-line options with what the checkpoint says (the
+:class:`~panoviz_callback.PanoVizCallback` settings first, then the module's and data
+module's crop geometry); :class:`Runner` loads each panorama, cuts it into views, runs the
+same :class:`~panoviz_callback.analysis.Analyzer` as the callback and writes
+``original_views_NAME.png``, ``vision_encoder_pca_NAME.png``,
+``resampled_features_pca_NAME.png``, ``similarity_analysis_NAME.txt`` and
+``similarity_NAME.json``. An image that fails is reported and skipped and leaves no file
+behind (its files are written in a temporary folder and moved in place at the end).
+
+Colours: every panorama starts from the same PCA state, so results never depend on the
+order of the images. With a callback checkpoint whose PCA settings are unchanged that
+state is the saved one: other panoramas align their colours to it, and the callback's own
+probe reuses it frozen (same basis, same colour range), which reproduces the live images
+and metrics of the last firing exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "UsageError", "ImageSource", "RunPlan", "ImageResult", "Runner", "resolve_images", "callback_probe",
+    "check_output_dir", "resolve_device", "plan_run", "format_summary", "live_agreement",
+]
+
+#: Image files taken from a folder or a glob pattern (the same as ``PanoDataModule``'s).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
+#: Panorama files are downscaled on load to at most this width (the callback's probe rule).
+MAX_WIDTH = 2048
+#: Smallest panorama accepted, ``(W, H)`` in pixels.
+MIN_SIZE = (64, 32)
+_CROP_OPTIONS = {
+    "e2p": ("fov_deg", "overlap", "num_views", "patch_size"),
+    "anyres_e2p": ("fov_deg", "overlap", "num_views", "pitches", "patch_size"),
+    "cubemap": ("faces", "patch_size"),
+    "sliding_window": ("fov_deg", "overlap", "num_views", "patch_size"),
+}
+_PCA_SETTINGS = ("layer", "keep_cls_token", "n_components", "bg_removal", "bg_threshold", "normalize")
+_ANALYZER_SETTINGS = (*_PCA_SETTINGS, "metrics")
+Log = Callable[[str], None]
+
+
+class UsageError(ValueError):
+    """The command line cannot be acted on (wrong option, path naming nothing, device missing)."""
+
+
+# ------------------------------------------------------------------------------------------- inputs
+@dataclass
+class ImageSource:
+    """One panorama to analyse: a file, or the callback's probe (``spec``)."""
+
+    label: str
+    stem: str
+    path: Path | None = None
+    spec: dict[str, Any] | None = None
+
+    @property
+    def recorded(self) -> str | None:
+        """The ``image`` entry of the JSON report (None for an in-memory probe)."""
+        return None if self.path is None else str(self.path)
+
+
+def resolve_images(patterns: Sequence[str]) -> list[ImageSource]:
+    """Expand ``--image`` arguments (files, folders, glob patterns) to image files, in order, without repeats.
+
+    Raises:
+        UsageError: a path that does not exist, a folder or pattern without images.
+    """
+    found: list[Path] = []
+    for pattern in patterns:
+        p = Path(pattern).expanduser()
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UsageError(f"--image folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        elif p.exists():
+            files = [p]
+        elif glob.has_magic(pattern):
+            files = sorted(Path(f) for f in glob.glob(os.path.expanduser(pattern), recursive=True)
+                           if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise UsageError(f"--image pattern '{pattern}' matches no images ({', '.join(IMAGE_SUFFIXES)})")
+        else:
+            raise UsageError(f"--image '{p}' does not exist")
+        found += files
+    unique = list(dict.fromkeys(f.absolute() for f in found))
+    stems: dict[str, int] = {}
+    sources = []
+    for f in unique:
+        stems[f.stem] = stems.get(f.stem, 0) + 1
+        stem = f.stem if stems[f.stem] == 1 else f"{f.stem}_{stems[f.stem]}"
+        sources.append(ImageSource(label=str(f), stem=stem, path=f))
+    return sources
+
+
+def callback_probe(state: Mapping[str, Any] | None) -> ImageSource:
+    """The probe panorama recorded by :class:`~panoviz_callback.PanoVizCallback`.
+
+    Raises:
+        UsageError: the checkpoint has no callback probe (then ``--image`` is needed).
+    """
+    spec = (state or {}).get("probe")
+    if not isinstance(spec, Mapping) or spec.get("kind") not in ("synthetic", "path", "tensor"):
+        raise UsageError("no --image given and the checkpoint holds no PanoVizCallback probe; pass --image PATH")
+    spec = dict(spec)
+    if spec["kind"] == "path":
+        path = Path(spec["path"])
+        return ImageSource(label=f"callback probe {path}", stem=path.stem, path=path, spec=spec)
+    what = "synthetic panorama" if spec["kind"] == "synthetic" else "tensor"
+    return ImageSource(label=f"callback probe ({what})", stem="probe", spec=spec)
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail early when ``path`` cannot become a writable folder (nothing is created here).
+
+    Raises:
+        UsageError: ``path`` or an ancestor is a file, or the nearest existing folder is not writable.
+    """
+    p = Path(os.path.abspath(path))
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--output_dir '{path}' cannot be created: '{probe}' is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".panoviz-write-test-", dir=probe)
+    except OSError as err:
+        raise UsageError(f"--output_dir '{path}' is not writable ({err.strerror or err} in '{probe}')") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def resolve_device(choice: str, log: Log) -> torch.device:
+    """``"auto"`` (CUDA if available, else the CPU with a note), ``"cuda"`` or ``"cpu"``.
+
+    Raises:
+        UsageError: ``"cuda"`` on a machine where CUDA is not available.
+    """
+    available = torch.cuda.is_available()
+    if choice == "cuda" and not available:
+        built = "a build without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU " \
+                                                                         "is visible"
+        raise UsageError(f"--device cuda: CUDA is not available on this machine (torch {torch.__version__}, {built}); "
+                         "use --device cpu or --device auto")
+    if choice == "auto" and not available:
+        log("note: CUDA is not available; running on the CPU")
+    return torch.device("cuda" if choice != "cpu" and available else "cpu")
+
+
+# ------------------------------------------------------------------------------------------- planning
+@dataclass
+class RunPlan:
+    """How every panorama is cut and analysed.
+
+    Attributes:
+        crop_strategy: the ``make_views`` strategy.
+        image_size: view size ``S``.
+        crop_options: ``make_views`` options.
+        analysis: keyword arguments of :class:`~panoviz_callback.analysis.Analyzer`.
+        pca_states: the saved PCA states every panorama starts from (``{level: state dict}``).
+        freeze_probe: reuse those states frozen for the callback's probe (exact reproduction).
+        reproduces: the settings are the callback's own (the probe run repeats the live analysis).
+        notes: what was taken from where, for the user.
+    """
+
+    crop_strategy: str
+    image_size: int
+    crop_options: dict[str, Any]
+    analysis: dict[str, Any]
+    pca_states: dict[str, Any] = field(default_factory=dict)
+    freeze_probe: bool = False
+    reproduces: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
+             geometry: Mapping[str, Any] | None = None) -> RunPlan:
+    """Merge command-line ``options`` (None = not given) with the callback's settings and the geometry.
+
+    Args:
+        options: ``crop_strategy``, ``fov``, ``overlap``, ``image_size``, ``layer``, ``n_components``,
+            ``keep_cls_token``, ``bg_removal``, ``no_similarity``.
+        callback: the :class:`~panoviz_callback.PanoVizCallback` state (None: none).
+        geometry: ``crop_strategy`` / ``image_size`` / ``crop_options`` from the checkpoint or config.
+
+    Raises:
+        UsageError: an option is out of range or does not apply to the crop strategy.
+    """
+    from panoviz_callback.analysis import Analyzer
+    from panoviz_callback.views import make_views
+
+    saved = dict((callback or {}).get("settings") or {})
+    geometry = dict(geometry or {})
+    base = saved if callback else geometry
+    base_strategy = base.get("crop_strategy") or geometry.get("crop_strategy") or "e2p"
+    strategy = options.get("crop_strategy") or base_strategy
+    if strategy not in _CROP_OPTIONS:
+        raise UsageError(f"the checkpoint's crop strategy {strategy!r} is not supported; pass --crop_strategy "
+                         f"{{{','.join(_CROP_OPTIONS)}}}")
+    crop = {k: v for k, v in dict(base.get("crop_options") or {}).items() if k in _CROP_OPTIONS[strategy]}
+    if strategy != base_strategy:
+        crop = {k: v for k, v in crop.items() if k in ("fov_deg", "overlap", "patch_size")}
+    for flag, key in (("fov", "fov_deg"), ("overlap", "overlap")):
+        if options.get(flag) is not None:
+            if key not in _CROP_OPTIONS[strategy]:
+                raise UsageError(f"--{flag} does not apply to --crop_strategy {strategy}")
+            crop[key] = float(options[flag])
+            crop.pop("num_views", None)  # derived from fov and overlap
+    image_size = options.get("image_size") or base.get("image_size") or geometry.get("image_size") or 224
+    try:
+        make_views(torch.zeros(3, 8, 16), strategy, int(image_size), **crop)
+    except (ValueError, TypeError) as err:
+        raise UsageError(f"invalid crop settings ({strategy}, image size {image_size}, {crop}): {err}") from None
+
+    analysis = {k: saved[k] for k in _ANALYZER_SETTINGS if k in saved}
+    for key in ("layer", "n_components", "bg_removal", "keep_cls_token"):
+        if options.get(key) is not None:
+            analysis[key] = options[key]
+    if options.get("no_similarity"):
+        analysis["metrics"] = ()
+    try:
+        Analyzer(**analysis)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+
+    same_pca = bool(callback) and all(analysis.get(k, _default(k)) == saved.get(k, _default(k))
+                                      for k in _PCA_SETTINGS)
+    same_views = bool(callback) and strategy == saved.get("crop_strategy") and int(image_size) == saved.get(
+        "image_size") and crop == dict(saved.get("crop_options") or {})
+    plan = RunPlan(crop_strategy=strategy, image_size=int(image_size), crop_options=crop, analysis=analysis)
+    if callback and same_pca:
+        plan.pca_states = dict(callback.get("pca_states") or {})
+        plan.freeze_probe = same_views
+    plan.reproduces = same_pca and same_views and analysis.get("metrics") == saved.get("metrics")
+    return plan
+
+
+def _default(key: str) -> Any:
+    return {"layer": -1, "keep_cls_token": False, "n_components": 3, "bg_removal": "threshold",
+            "bg_threshold": 0.5, "normalize": "auto"}[key]
+
+
+# ------------------------------------------------------------------------------------------- running
+@dataclass
+class ImageResult:
+    """What happened to one panorama: its files and mean metrics, or the error."""
+
+    source: ImageSource
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    scalars: dict[str, float] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Runner:
+    """Analyse panoramas with one loaded encoder/resampler and write the files of each.
+
+    Args:
+        encoder: the vision encoder (on its device, eval mode).
+        resampler: the resampler or None.
+        plan: from :func:`plan_run`.
+        name: ``NAME`` in the file names.
+        output_dir: where the files go (a subfolder per image stem when there are several).
+        checkpoint: the checkpoint path recorded in the JSON report.
+        log: prints one line (default: to stderr).
+        debug: print tracebacks of failing images.
+        progress: show a progress bar (None: only on a terminal).
+
+    Example::
+
+        >>> runner = Runner(model.encoder, model.resampler, plan, name="run1", output_dir="out")  # doctest: +SKIP
+        >>> results = runner.run(resolve_images(["panos/"]))  # doctest: +SKIP
+    """
+
+    def __init__(self, encoder: Any, resampler: Any, plan: RunPlan, *, name: str, output_dir: str | os.PathLike,
+                 checkpoint: str | os.PathLike | None = None, log: Log | None = None, debug: bool = False,
+                 progress: bool | None = None) -> None:
+        from panoviz_callback.analysis import Analyzer
+
+        self.encoder, self.resampler, self.plan = encoder, resampler, plan
+        self.name, self.output_dir = name, Path(output_dir)
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.log = log or _stderr
+        self.debug, self.progress = debug, progress
+        self.analyzer = Analyzer(**plan.analysis)
+        self.analyzer.load_state_dict({"pca_states": plan.pca_states})
+        self._initial_states = dict(self.analyzer.pca_states)
+
+    def run(self, sources: Sequence[ImageSource]) -> list[ImageResult]:
+        """Analyse every source; failures are reported through ``log`` and skipped."""
+        from tqdm.auto import tqdm
+
+        several = len(sources) > 1
+        results = []
+        bar = tqdm(sources, desc="panoviz", unit="image", disable=None if self.progress is None else not self.progress,
+                   file=sys.stderr, dynamic_ncols=True)
+        for source in bar:
+            out = self.output_dir / source.stem if several else self.output_dir
+            result = ImageResult(source=source, out_dir=out)
+            start = time.perf_counter()
+            try:
+                result.files, result.scalars, result.skipped = self._one(source, out)
+            except Exception as err:  # noqa: BLE001 - one bad image must not stop the others
+                result.error = _one_line(err)
+                if self.debug:
+                    tqdm.write(traceback.format_exc().rstrip(), file=sys.stderr)
+                self._log(bar, f"error: {source.label}: {result.error} (skipped)")
+            result.seconds = time.perf_counter() - start
+            results.append(result)
+        bar.close()
+        return results
+
+    def _log(self, bar: Any, message: str) -> None:
+        if getattr(bar, "disable", True):
+            self.log(message)
+        else:
+            bar.write(f"panoviz: {message}", file=sys.stderr)
+
+    def _one(self, source: ImageSource, out: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, str]]:
+        from panoviz_callback.views import make_views
+
+        pano = self._load(source)
+        views = make_views(pano, self.plan.crop_strategy, self.plan.image_size, **self.plan.crop_options)
+        self.analyzer.pca_states = dict(self._initial_states)
+        self.analyzer.freeze_pca = bool(self.plan.freeze_probe and source.spec is not None)
+        with torch.no_grad():
+            result = self.analyzer(views, self.encoder, self.resampler)
+        for level, res in result.levels.items():
+            if not torch.isfinite(res.features.tokens).all():
+                raise FloatingPointError(f"the {level} features contain NaN or Inf values")
+        skipped = {name: m.skipped for res in result.levels.values() for name, m in res.metrics.items()
+                   if m.skipped is not None}
+        return self._write(result, out, source), result.scalars(), skipped
+
+    def _load(self, source: ImageSource) -> Tensor:
+        from panoviz_callback.panorama import load_panorama, synthetic_panorama
+
+        spec = source.spec or {}
+        if spec.get("kind") == "synthetic":
+            return synthetic_panorama(**{k: v for k, v in spec.items() if k != "kind"})
+        if spec.get("kind") == "tensor":
+            pixels = spec["pixels"]
+            return pixels.float() / 255 if pixels.dtype == torch.uint8 else pixels.float()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pano = load_panorama(source.path, max_width=spec.get("max_width", MAX_WIDTH))
+        for w in caught:
+            self.log(f"warning: {source.label}: {w.message}")
+        height, width = pano.shape[-2:]
+        if width < MIN_SIZE[0] or height < MIN_SIZE[1]:
+            raise ValueError(f"the image is too small ({width}x{height} px); a panorama must be at least "
+                             f"{MIN_SIZE[0]}x{MIN_SIZE[1]} px")
+        return pano
+
+    def _write(self, result: Any, out: Path, source: ImageSource) -> dict[str, Path]:
+        """All files into a temporary folder first, then moved in place: a failure leaves nothing."""
+        from panoviz_callback.render import write_figures
+        from panoviz_callback.report import write_reports
+
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".panoviz-", dir=out))
+        try:
+            staged = {**write_figures(result, stage, self.name),
+                      **write_reports(result, stage, self.name, image=source.recorded, checkpoint=self.checkpoint)}
+            files = {}
+            for key, path in staged.items():
+                files[key] = out / path.name
+                os.replace(path, files[key])
+            return files
+        except BaseException:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------- summary
+def live_agreement(scalars: Mapping[str, float], callback: Mapping[str, Any] | None,
+                   step: int | None) -> tuple[int, float] | None:
+    """``(number of values, max |difference|)`` against the callback's history at ``step`` (None: no entry)."""
+    history = [h for h in (callback or {}).get("history") or [] if step is None or h.get("step") == step]
+    if not history:
+        return None
+    live = history[-1].get("scalars") or {}
+    common = [k for k in live if k in scalars]
+    if not common:
+        return None
+    return len(common), max(abs(float(live[k]) - float(scalars[k])) for k in common)
+
+
+def format_summary(results: Sequence[ImageResult]) -> str:
+    """Where the files are and a table of the mean metrics (averaged over the images that worked)."""
+    from panoviz_callback.analysis import LEVELS, METRICS
+
+    ok = [r for r in results if r.error is None]
+    lines = []
+    dirs = list(dict.fromkeys(r.out_dir for r in ok))
+    if ok:
+        n_files = sum(len(r.files) for r in ok)
+        where = str(dirs[0]) if len(dirs) == 1 else f"{os.path.commonpath([str(d) for d in dirs])} (one folder per image)"
+        lines.append(f"Wrote {n_files} files for {len(ok)} image(s) to {where}")
+    failed = [r for r in results if r.error is not None]
+    if failed:
+        lines.append(f"{len(failed)} of {len(results)} image(s) failed: " + ", ".join(r.source.label for r in failed))
+    values: dict[tuple[str, str], list[float]] = {}
+    for r in ok:
+        for key, value in (r.scalars or {}).items():
+            level, _, metric = key.partition("/")
+            values.setdefault((level, metric), []).append(value)
+    skipped = {}
+    for r in ok:
+        for metric, reason in r.skipped.items():
+            skipped.setdefault(metric, reason)
+    if not values:
+        if ok:
+            lines.append("No metrics computed.")
+        return "\n".join(lines + [f"Skipped {m}: {why}" for m, why in skipped.items()])
+    levels = [lv for lv in LEVELS if any(k[0] == lv for k in values)]
+    metrics = [m for m in METRICS if any(k[1] == m for k in values)]
+    title = "Mean metrics" + (f" over {len(ok)} images" if len(ok) > 1 else "")
+    width = max(len(m) for m in metrics) + 2
+    lines += [f"{title}:", "  " + "metric".ljust(width) + "".join(lv.rjust(16) for lv in levels)]
+    for m in metrics:
+        cells = []
+        for lv in levels:
+            vals = [v for v in values.get((lv, m), []) if math.isfinite(v)]
+            cells.append((f"{sum(vals) / len(vals):.4f}" if vals else "-").rjust(16))
+        lines.append("  " + m.ljust(width) + "".join(cells))
+    lines += [f"Skipped {m}: {why}" for m, why in skipped.items() if not any(k[1] == m for k in values)]
+    return "\n".join(lines)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _stderr(message: str) -> None:
+    print(f"panoviz: {message}", file=sys.stderr)
