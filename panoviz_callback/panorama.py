@@ -54,17 +54,19 @@ def load_panorama(
     """Load an equirectangular panorama as a float32 tensor in ``[0, 1]``.
 
     JPEG, PNG, WebP and TIFF files (anything Pillow reads) in 8 or 16 bits per channel;
-    grayscale and palette images become RGB, an alpha channel is dropped, the EXIF
-    orientation tag is ignored (panoramas are stored unrotated). 16-bit files keep
-    their precision (value / 65535). The pixels reach ``device`` as uint8 (or int32 for
-    16-bit data) and are converted to float there.
+    grayscale and palette images become RGB, an alpha channel is dropped (not composited),
+    the EXIF orientation tag is ignored (panoramas are stored unrotated). 16-bit files keep
+    their precision (value / 65535). The pixels travel to ``device`` as integers and are
+    converted to float there (16-bit RGB shrunk by ``max_width`` is averaged on the CPU).
+    Pillow's ``MAX_IMAGE_PIXELS`` (raised to at least 32768 x 16384) and
+    ``LOAD_TRUNCATED_IMAGES`` (off) are set for the call only and restored.
 
     Args:
         path: the image file.
-        max_width: downscale (antialiased) to at most this width, keeping the aspect
-            ratio; never upscales. JPEGs are decoded directly at a reduced scale, so a
-            16384 x 8192 file with ``max_width=4096`` needs far less memory than the full
-            image.
+        max_width: downscale (antialiased, Lanczos) to at most this width, keeping the
+            aspect ratio; never upscales. JPEGs are decoded at 1/2, 1/4 or 1/8 scale
+            directly (a 16384 x 8192 JPEG with ``max_width=4096`` peaks at about 170 MB);
+            other formats are decoded whole first (4 bytes per pixel).
         device: where the tensor lives (default: CPU).
 
     Returns:
@@ -240,42 +242,48 @@ def _swap_byte_order(im: Image.Image) -> None:
 def _decode_wide_rgb(path: str, target: tuple[int, int]) -> np.ndarray:
     """16-bit RGB(A) as ``(h, w, 3)``: uint16 at full size, else float32 shrunk to ``target`` on the CPU.
 
-    Decoded twice (low bytes, then high bytes), each pass copied strip by strip into one
-    uint16 array: about 10 bytes per pixel at the peak.
+    Decoded twice, low bytes then high bytes, each pass read strip by strip: about 10 bytes
+    per pixel at the peak at full size, 4 (one decoded pass) when shrinking.
     """
-    pixels = None
+    pixels: np.ndarray | None = None
     for shift in (0, 8):
         with Image.open(path) as im:
             if shift == 0:
                 _swap_byte_order(im)
             im.load()
-            if pixels is None:
-                pixels = np.zeros((im.height, im.width, 3), np.uint16)
-            for y0 in range(0, im.height, 256):
-                strip = np.asarray(im.crop((0, y0, im.width, min(y0 + 256, im.height))))[:, :, :3]
-                pixels[y0:y0 + strip.shape[0]] |= strip.astype(np.uint16) << shift
-    if (pixels.shape[1], pixels.shape[0]) == target:
+            full = im.size
+            if full == target:
+                pixels = np.zeros((full[1], full[0], 3), np.uint16) if pixels is None else pixels
+                for y0, strip in _strips(im, 256):
+                    pixels[y0:y0 + strip.shape[0]] |= strip.astype(np.uint16) << shift
+            else:
+                factor = max(1, full[0] // target[0])
+                part = _box_reduce(im, factor) * float(1 << shift)
+                pixels = part if pixels is None else pixels + part
+    if full == target:
         return pixels
-    factor = pixels.shape[1] // target[0]
-    box = (0.0, 0.0, pixels.shape[1] / factor, pixels.shape[0] / factor)  # the image in reduced pixels
-    pixels = _box_reduce(pixels, factor) if factor >= 2 else pixels.astype(np.float32)
+    box = (0.0, 0.0, full[0] / factor, full[1] / factor)  # the image in reduced pixels
     channels = [Image.fromarray(np.ascontiguousarray(pixels[:, :, c]), "F") for c in range(3)]
     return np.stack([np.asarray(c.resize(target, Image.Resampling.LANCZOS, box=box)) for c in channels], -1)
 
 
-def _box_reduce(pixels: np.ndarray, factor: int) -> np.ndarray:
-    """Average ``factor x factor`` blocks (partial blocks at the edges too), strip by strip, to float32."""
-    height, width, channels = pixels.shape
-    starts = np.arange(0, width, factor)
-    counts_x = np.diff(np.append(starts, width)).astype(np.float32)
+def _strips(im: Image.Image, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first row, RGB pixels (rows, W, 3))`` of a loaded image, a band of rows at a time."""
+    for y0 in range(0, im.height, rows):
+        yield y0, np.asarray(im.crop((0, y0, im.width, min(y0 + rows, im.height))))[:, :, :3]
+
+
+def _box_reduce(im: Image.Image, factor: int) -> np.ndarray:
+    """Average ``factor x factor`` blocks (partial blocks at the edges too) to float32 ``(h, w, 3)``."""
+    starts = np.arange(0, im.width, factor)
+    counts_x = np.diff(np.append(starts, im.width)).astype(np.float32)
     rows = []
-    for y0 in range(0, height, factor * 64):
-        strip = pixels[y0:y0 + factor * 64].astype(np.float32)
+    for _, strip in _strips(im, factor * 32):
         row_starts = np.arange(0, strip.shape[0], factor)
         counts_y = np.diff(np.append(row_starts, strip.shape[0])).astype(np.float32)
-        summed = np.add.reduceat(np.add.reduceat(strip, row_starts, axis=0), starts, axis=1)
+        summed = np.add.reduceat(np.add.reduceat(strip.astype(np.float32), row_starts, axis=0), starts, axis=1)
         rows.append(summed / (counts_y[:, None, None] * counts_x[None, :, None]))
-    return np.concatenate(rows, axis=0).reshape(-1, len(starts), channels)
+    return np.concatenate(rows, axis=0)
 
 
 def _to_tensor(pixels: np.ndarray, scale: float, device: torch.device) -> Tensor:
@@ -297,43 +305,26 @@ _LAMP_RADIUS = 0.28
 _LEFT, _RIGHT, _FLOOR, _CEILING, _BACK, _FRONT, _OBJECT = range(7)
 _NORMALS = {_LEFT: (1, 0, 0), _RIGHT: (-1, 0, 0), _FLOOR: (0, 1, 0), _CEILING: (0, -1, 0), _BACK: (0, 0, 1),
             _FRONT: (0, 0, -1)}
-# Materials: name -> (colour, second colour for a gradient or None, self-lit).
-_MATERIALS: dict[str, tuple[tuple[float, ...], tuple[float, ...] | None, bool]] = {
-    "brick": ((0.72, 0.30, 0.22), None, False),  # front wall, yaw 0
-    "paper": ((0.25, 0.42, 0.78), None, False),  # right wall, yaw 90
-    "plank": ((0.30, 0.55, 0.30), None, False),  # back wall, yaw 180
-    "tile": ((0.86, 0.70, 0.25), None, False),  # left wall, yaw 270
-    "mortar": ((0.82, 0.78, 0.72), None, False),
-    "paper_light": ((0.30, 0.50, 0.92), None, False),
-    "pinstripe": ((0.85, 0.88, 0.95), None, False),
-    "dado": ((0.15, 0.22, 0.42), None, False),
-    "groove": ((0.14, 0.25, 0.14), None, False),
-    "rail": ((0.70, 0.55, 0.35), None, False),
-    "grout": ((0.92, 0.90, 0.84), None, False),
-    "skirting": ((0.30, 0.20, 0.12), None, False),
-    "cornice": ((0.95, 0.95, 0.92), None, False),
-    "floor_light": ((0.88, 0.85, 0.78), None, False),
-    "floor_dark": ((0.18, 0.20, 0.24), None, False),
-    "ceiling": ((0.90, 0.90, 0.87), None, False),
-    "ceiling_seam": ((0.72, 0.72, 0.70), None, False),
-    "lamp_rim": ((0.50, 0.50, 0.52), None, False),
-    "lamp": ((1.0, 0.97, 0.86), None, True),
-    "window_frame": ((0.95, 0.95, 0.93), None, False),
-    "sky": ((0.62, 0.80, 1.0), (0.92, 0.96, 1.0), True),
-    "hills": ((0.55, 0.78, 0.45), None, True),
-    "door_frame": ((0.85, 0.82, 0.75), None, False),
-    "door": ((0.48, 0.30, 0.16), None, False),
-    "door_panel": ((0.30, 0.18, 0.09), None, False),
-    "brass": ((0.90, 0.75, 0.30), None, False),
-    "gilt": ((0.55, 0.42, 0.18), None, False),
-    "canvas_sky": ((0.50, 0.72, 0.95), None, False),
-    "canvas_hill": ((0.25, 0.55, 0.25), None, False),
-    "sun": ((1.0, 0.85, 0.30), None, False),
+# Material colours (linear in [0, 1]); the walls' base colours first: front, right, back, left.
+_MATERIALS = {
+    "brick": (0.72, 0.30, 0.22), "paper": (0.25, 0.42, 0.78), "plank": (0.30, 0.55, 0.30), "tile": (0.86, 0.70, 0.25),
+    "mortar": (0.82, 0.78, 0.72), "paper_light": (0.30, 0.50, 0.92), "pinstripe": (0.85, 0.88, 0.95),
+    "dado": (0.15, 0.22, 0.42), "groove": (0.14, 0.25, 0.14), "rail": (0.70, 0.55, 0.35), "grout": (0.92, 0.90, 0.84),
+    "skirting": (0.30, 0.20, 0.12), "cornice": (0.95, 0.95, 0.92),
+    "floor_light": (0.88, 0.85, 0.78), "floor_dark": (0.18, 0.20, 0.24),
+    "ceiling": (0.90, 0.90, 0.87), "ceiling_seam": (0.72, 0.72, 0.70), "lamp_rim": (0.50, 0.50, 0.52),
+    "lamp": (1.0, 0.97, 0.86), "window_frame": (0.95, 0.95, 0.93), "sky": (0.62, 0.80, 1.0),
+    "hills": (0.55, 0.78, 0.45),
+    "door_frame": (0.85, 0.82, 0.75), "door": (0.48, 0.30, 0.16), "door_panel": (0.30, 0.18, 0.09),
+    "brass": (0.90, 0.75, 0.30), "gilt": (0.55, 0.42, 0.18), "canvas_sky": (0.50, 0.72, 0.95),
+    "canvas_hill": (0.25, 0.55, 0.25), "sun": (1.0, 0.85, 0.30),
 }
+_GRADIENT_TO = {"sky": (0.92, 0.96, 1.0)}  # colour at the top of a gradient material
+_SELF_LIT = ("lamp", "sky", "hills")  # not shaded by the lamp
 _M = {name: i for i, name in enumerate(_MATERIALS)}
-_WALL_COLORS = {face: _MATERIALS[name][0] for face, name in
+_WALL_COLORS = {face: _MATERIALS[name] for face, name in
                 ((_FRONT, "brick"), (_RIGHT, "paper"), (_BACK, "plank"), (_LEFT, "tile"))}
-_FLOOR_COLORS = (_MATERIALS["floor_light"][0], _MATERIALS["floor_dark"][0])
+_FLOOR_COLORS = (_MATERIALS["floor_light"], _MATERIALS["floor_dark"])
 # Features per wall: (kind, u0, u1, v0, v1); u runs to the right as seen facing the wall, v is the height.
 _FEATURES = {
     _FRONT: (("window", -2.6, -1.2, 0.9, 2.3), ("window", 0.8, 2.4, 0.9, 2.3)),
@@ -341,7 +332,9 @@ _FEATURES = {
     _BACK: (("painting", 0.7, 2.1, 1.1, 2.0),),
     _LEFT: (("window", -2.4, -0.9, 0.9, 2.3),),
 }
-_PALETTE = (
+# Antialiasing: two rays per pixel, a quarter pixel up-left and down-right of the centre (rows, columns).
+_SAMPLE_OFFSETS = ((-0.25, -0.25), (0.25, 0.25))
+_PALETTE = (  # object colours
     (0.85, 0.22, 0.18), (0.18, 0.50, 0.85), (0.95, 0.75, 0.18), (0.30, 0.68, 0.32),
     (0.62, 0.32, 0.75), (0.95, 0.50, 0.20), (0.20, 0.72, 0.72), (0.90, 0.40, 0.60),
 )
@@ -381,10 +374,6 @@ def synthetic_panorama(height: int = 512, seed: int = 0, device: torch.device | 
     return _render_scene(height, seed, torch.device("cpu") if device is None else torch.device(device))[0]
 
 
-# Antialiasing: two rays per pixel, a quarter pixel up-left and down-right of the centre (rows, columns).
-_SAMPLE_OFFSETS = ((-0.25, -0.25), (0.25, 0.25))
-
-
 def _render_scene(
     height: int, seed: int, device: torch.device, offsets: tuple[tuple[float, float], ...] = _SAMPLE_OFFSETS
 ) -> tuple[Tensor, Tensor]:
@@ -395,13 +384,7 @@ def _render_scene(
         (pass ``offsets=((0.0, 0.0),)`` for the labels at the pixel centres).
     """
     k, h, w = len(offsets), height, 2 * height
-    dy, dx = (torch.tensor(o, device=device, dtype=torch.float32)[:, None] for o in zip(*offsets))
-    lat = (0.5 - (torch.arange(h, device=device) + 0.5 + dy) / h) * math.pi  # (k, h)
-    lon = ((torch.arange(w, device=device) + 0.5 + dx) / w - 0.5) * (2 * math.pi)  # (k, w)
-    ray = torch.empty(3, k, h, w, device=device)  # unit directions (x, y, z) of each sample grid
-    torch.mul(torch.cos(lat)[:, :, None], torch.sin(lon)[:, None, :], out=ray[0])
-    ray[1] = torch.sin(lat)[:, :, None]
-    torch.mul(torch.cos(lat)[:, :, None], torch.cos(lon)[:, None, :], out=ray[2])
+    ray = _ray_grid(height, offsets, device)  # (3, k, h, w)
     flat = ray.view(3, -1)  # (3, N)
 
     # The camera is inside the room: each ray leaves through the nearest of the three planes it faces.
@@ -411,13 +394,15 @@ def _render_scene(
     point = flat * depth  # (3, N) hit points
 
     objects = _scene_objects(seed)
-    color_a, color_b, self_lit = (torch.tensor(c, device=device) for c in zip(
-        *((a, a if b is None else b, e) for a, b, e in _MATERIALS.values())))
+    color_a = torch.tensor(list(_MATERIALS.values()), device=device)  # (M, 3)
+    color_b = torch.tensor([_GRADIENT_TO.get(m, c) for m, c in _MATERIALS.items()], device=device)  # (M, 3)
+    self_lit = torch.tensor([m in _SELF_LIT for m in _MATERIALS], device=device)  # (M,)
     rgb = torch.empty(flat.shape[1], 3, device=device)
     for face in _NORMALS:
         idx = (label == face).nonzero().squeeze(1)
         if idx.numel():
-            coords = [point[i].index_select(0, idx) if i != face // 2 else float(point[i][idx[0]]) for i in range(3)]
+            plane = (_ROOM_LO, _ROOM_HI)[face % 2][face // 2]  # the face's constant coordinate
+            coords = [point[i].index_select(0, idx) if i != face // 2 else plane for i in range(3)]
             mat, gain, mix = _room_materials(face, coords, objects)
             gain = torch.where(self_lit.index_select(0, mat), gain, gain * _lighting(coords, _NORMALS[face]))
             color = color_a.index_select(0, mat)
@@ -434,6 +419,18 @@ def _render_scene(
             label[:, r0:r1, c0:c1].masked_fill_(closer, _OBJECT)
     pano = rgb.sum(0) if k > 1 else rgb[0]  # (h, w, 3)
     return (pano / k).clamp_(0.0, 1.0).permute(2, 0, 1).contiguous(), label[0].contiguous()
+
+
+def _ray_grid(height: int, offsets: tuple[tuple[float, float], ...], device: torch.device) -> Tensor:
+    """Unit view directions (x, y, z) of the ERP pixel grid shifted by each (row, column) offset: ``(3, k, H, 2H)``."""
+    dy, dx = (torch.tensor(o, device=device, dtype=torch.float32)[:, None] for o in zip(*offsets))
+    lat = (0.5 - (torch.arange(height, device=device) + 0.5 + dy) / height) * math.pi  # (k, H)
+    lon = ((torch.arange(2 * height, device=device) + 0.5 + dx) / (2 * height) - 0.5) * (2 * math.pi)  # (k, 2H)
+    ray = torch.empty(3, len(offsets), height, 2 * height, device=device)
+    torch.mul(torch.cos(lat)[:, :, None], torch.sin(lon)[:, None, :], out=ray[0])
+    ray[1] = torch.sin(lat)[:, :, None]
+    torch.mul(torch.cos(lat)[:, :, None], torch.cos(lon)[:, None, :], out=ray[2])
+    return ray
 
 
 def _frac(x: Tensor) -> Tensor:
@@ -537,7 +534,8 @@ def _feature(kind: str, u: Tensor, v: Tensor, u0: float, u1: float, v0: float, v
         mat = torch.full_like(u, _M["door_frame"], dtype=torch.long)
         mat.masked_fill_(inner, _M["door"])
         for p0, p1 in ((0.25, 0.95), (1.15, 1.85)):  # two recessed panels, outlined
-            outline = _inside(u, v, u0 + 0.2, u1 - 0.2, p0, p1) & ~_inside(u, v, u0 + 0.23, u1 - 0.23, p0 + 0.03, p1 - 0.03)
+            panel = _inside(u, v, u0 + 0.2, u1 - 0.2, p0, p1)
+            outline = panel & ~_inside(u, v, u0 + 0.23, u1 - 0.23, p0 + 0.03, p1 - 0.03)
             mat.masked_fill_(outline, _M["door_panel"])
         mat.masked_fill_((u - (u1 - 0.14)) ** 2 + (v - 1.0) ** 2 < 0.04**2, _M["brass"])
         return mat, vs

@@ -290,9 +290,10 @@ def _eigh(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _subspace(x: Tensor, k: int, init: Tensor | None, generator: torch.Generator | None, *,
-              max_iter: int = _MAX_ITER, exact: bool = True) -> tuple[Tensor, Tensor, Tensor] | None:
+              max_iter: int | None = None, exact: bool = True) -> tuple[Tensor, Tensor, Tensor] | None:
     """Block subspace iteration with Rayleigh-Ritz; ``None`` when it does not converge (``exact``)."""
     m, d = x.shape
+    max_iter = _MAX_ITER if max_iter is None else max_iter
     p = k + _OVERSAMPLE
     if p >= d or k >= m:
         return None  # the full eigh is as cheap, or the spectrum is degenerate

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from numbers import Real
 from functools import lru_cache
 from typing import Literal, NamedTuple, Protocol
 
@@ -61,7 +62,7 @@ __all__ = [
     "clear_cache",
 ]
 
-PERSPECTIVE_KINDS = ("tile", "face")
+_PERSPECTIVE_KINDS = ("tile", "face")
 _KINDS = ("global", "tile", "face", "window")
 _MODES = ("bilinear", "nearest")
 _INSIDE_EPS = 1e-6
@@ -89,8 +90,9 @@ def lonlat_to_direction(lon_deg: Tensor, lat_deg: Tensor) -> Tensor:
         ``(*, 3)`` unit vectors (x right, y up, z forward).
 
     Example:
-        >>> lonlat_to_direction(torch.tensor([90.0]), torch.tensor([0.0])).round(decimals=6)
-        tensor([[1., 0., 0.]])
+        >>> lonlat_to_direction(torch.tensor([0.0, 90.0]), torch.tensor([0.0, 0.0])).round(decimals=6).abs()
+        tensor([[0., 0., 1.],
+                [1., 0., 0.]])
     """
     lon, lat = torch.deg2rad(lon_deg), torch.deg2rad(lat_deg)
     return torch.stack([lat.cos() * lon.sin(), lat.sin(), lat.cos() * lon.cos()], dim=-1)
@@ -201,7 +203,8 @@ def pixel_to_direction(
         dirs[2] = lonlat_to_direction(((x + 0.5) / s - 0.5) * 360, (0.5 - v) * 180)
         valid[2] = (v >= 0) & (v <= 1)
     out = _select(kind.unsqueeze(-1), dirs)
-    ok = _select(kind, {k: torch.ones_like(out[..., 0], dtype=torch.bool) if m is None else m for k, m in valid.items()})
+    everywhere = torch.ones_like(out[..., 0], dtype=torch.bool)
+    ok = _select(kind, {k: everywhere if m is None else m for k, m in valid.items()})
     ok = ok.expand(out.shape[:-1])
     return (out[0], ok[0]) if single else (out, ok)
 
@@ -315,7 +318,9 @@ def _perspective_sampler(
     )
 
 
-def _sample_perspective(pano: Tensor, views: list[tuple[float, float, float, float]], hw: tuple[int, int], mode: str) -> Tensor:
+def _sample_perspective(
+    pano: Tensor, views: list[tuple[float, float, float, float]], hw: tuple[int, int], mode: str
+) -> Tensor:
     """``pano (C', H, W)`` -> ``(V, C', h, w)`` with one ``grid_sample`` call (the panorama is not copied)."""
     c, erp_h, erp_w = pano.shape
     h, w = hw
@@ -354,7 +359,7 @@ def _angles(value: float | Sequence[float] | Tensor, name: str) -> tuple[list[fl
         if value.dim() > 1:
             raise ValueError(f"Expected `{name}` to be a scalar or 1-D, got shape {tuple(value.shape)}.")
         return [float(v) for v in value.reshape(-1).tolist()], value.dim() == 0
-    if isinstance(value, (int, float)):
+    if isinstance(value, Real):
         return [float(value)], True
     vals = [float(v) for v in value]
     if not vals:
@@ -404,7 +409,9 @@ def erp_to_perspective(
         raise ValueError(f"Expected `yaw_deg` and `pitch_deg` of the same length, got {len(yaws)} and {len(pitches)}.")
     n = max(len(yaws), len(pitches))
     yaws, pitches = yaws * (n // len(yaws)), pitches * (n // len(pitches))
-    hfov, vfov = (fov_deg, fov_deg) if isinstance(fov_deg, (int, float)) else tuple(fov_deg)
+    if isinstance(fov_deg, Tensor) and fov_deg.numel() == 1:
+        fov_deg = float(fov_deg)
+    hfov, vfov = (fov_deg, fov_deg) if isinstance(fov_deg, Real) else tuple(fov_deg)
     _check_range(float(hfov), "fov_deg", 0, 180, low_inclusive=False, high_inclusive=False)
     _check_range(float(vfov), "fov_deg", 0, 180, low_inclusive=False, high_inclusive=False)
     h, w = (int(v) for v in out_hw)
@@ -447,7 +454,7 @@ def sample_views(
     flat = pano.reshape(b * c, erp_h, erp_w)
     s = int(image_size)
     params = _params(cameras, torch.empty(0, dtype=torch.float64))
-    persp = [k for k, cam in enumerate(cameras) if cam.kind in PERSPECTIVE_KINDS]
+    persp = [k for k, cam in enumerate(cameras) if cam.kind in _PERSPECTIVE_KINDS]
     views = [(cameras[k].yaw_deg, cameras[k].pitch_deg, float(params.fov[k]), float(params.vfov[k])) for k in persp]
     if len(persp) == len(cameras):
         out = _sample_perspective(flat, views, (s, s), mode)  # (V, C', S, S)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from panoviz_callback._checks import _check_choice
 from panoviz_callback._io import atomic_path
-from panoviz_callback.report import _check_name
+from panoviz_callback.report import _check_name, _umask_permissions
 
 __all__ = [
     "FIGURE_FILES",
@@ -167,11 +167,19 @@ def pca_grid_image(
 
 def pca_panorama_image(
     result: Any, level: str, *, out_hw: tuple[int, int] = _FIGURE_PANO_HW,
-    upsample: Literal["nearest", "bilinear"] = "nearest",
+    upsample: Literal["nearest", "bilinear"] = "nearest", crop: bool = True,
 ) -> Tensor | None:
-    """The stitched PCA panorama ``(3, H, W)`` uint8 (uncovered areas dark grey); None for query layouts."""
+    """The stitched PCA panorama ``(3, H, W)`` uint8 (uncovered areas dark grey); None for query layouts.
+
+    With ``crop`` the rows no view sees (e.g. the poles for pitch-0 tiles) are cut off, keeping
+    a thin grey margin; the crop depends only on the cameras, so both levels get the same size.
+    """
     stitched = _stitched(result, level, out_hw, upsample)
-    return None if stitched is None else _to_uint8(stitched[0])
+    if stitched is None:
+        return None
+    pano, covered = stitched
+    top, bottom = _covered_rows(covered) if crop else (0, pano.shape[1])
+    return _to_uint8(pano[:, top:bottom])
 
 
 def _stitched(result: Any, level: str, out_hw: tuple[int, int], upsample: str) -> tuple[Tensor, Tensor] | None:
@@ -187,6 +195,15 @@ def _stitched(result: Any, level: str, out_hw: tuple[int, int], upsample: str) -
         pano, covered = stitch_equirect(images.to(views.pixels.device), views, out_hw=out_hw, mode=upsample)
     pano, covered = pano.float().cpu().clamp(0, 1), covered.cpu()
     return torch.where(covered[None], pano, torch.full_like(pano, _UNCOVERED)), covered
+
+
+def _covered_rows(covered: Tensor) -> tuple[int, int]:
+    """``[top, bottom)`` rows of the latitude band any view sees, with a small grey margin."""
+    rows = torch.nonzero(covered.any(dim=1)).flatten()
+    if len(rows) == 0:
+        return 0, covered.shape[0]
+    margin = max(1, covered.shape[0] // 64)
+    return max(0, int(rows[0]) - margin), min(covered.shape[0], int(rows[-1]) + 1 + margin)
 
 
 # ------------------------------------------------------------ figures (matplotlib)
@@ -264,23 +281,27 @@ def plot_pca_maps(
 
 def plot_pca_panorama(
     result: Any, level: str, ax: Axes | None = None, *, out_hw: tuple[int, int] = _FIGURE_PANO_HW,
-    upsample: Literal["nearest", "bilinear"] = "nearest",
+    upsample: Literal["nearest", "bilinear"] = "nearest", crop: bool = True,
 ) -> tuple[Figure, Axes]:
     """The PCA maps of all views projected back onto the sphere (equirectangular, longitude -180..180).
 
     Overlapping regions that agree look seamless; disagreement shows as seams.
-    Uncovered areas are dark grey. Query-token layouts have no panorama: the axes
-    say so.
+    Uncovered areas are dark grey; with ``crop`` the latitudes no view sees are cut off.
+    Query-token layouts have no panorama: the axes say so.
     """
-    if ax is None:
-        _, ax = _new_axes(8.0, (out_hw[0], out_hw[1]), 0.3)
     stitched = _stitched(result, level, out_hw, upsample)
+    top, bottom = (0, out_hw[0]) if stitched is None or not crop else _covered_rows(stitched[1])
+    if ax is None:
+        _, ax = _new_axes(8.0, (bottom - top, out_hw[1]), 0.3)
     ax.set_axis_off()
     if stitched is None:
         ax.text(0.5, 0.5, "no PCA panorama: query tokens have no spatial position", ha="center", va="center",
                 transform=ax.transAxes, fontsize=8)
         return ax.figure, ax
-    ax.imshow(_hwc(stitched[0]), interpolation="nearest", extent=(-180, 180, -90, 90))
+    h = out_hw[0]
+    lat_top, lat_bottom = 90 - 180 * top / h, 90 - 180 * bottom / h
+    ax.imshow(_hwc(stitched[0][:, top:bottom]), interpolation="nearest", extent=(-180, 180, lat_bottom, lat_top),
+              aspect="auto")
     ax.set_title("PCA panorama: the views projected back onto the sphere (agreement is seamless, "
                  "disagreement shows as seams; grey: seen by no view)", fontsize=8)
     return ax.figure, ax
@@ -317,7 +338,13 @@ def pca_figure(
     views_px = _views_row(views).shape[1:]
     row_h = inner * views_px[0] / views_px[1]
     pca_h = row_h if res.spatial else min(max(0.8, 0.2 * len(views)), 3.0)
-    pano_h = min(inner / 2, max(2.5, 1.6 * row_h)) if res.spatial else 0.0
+    pano_w, pano_h = 0.0, 0.0
+    if res.spatial:  # the panorama spans the width, cropped to the seen latitudes, at most 4.5 in high
+        top, bottom = _covered_rows(_stitched(result, level, pano_hw, upsample)[1])
+        pano_w = inner
+        pano_h = pano_w * (bottom - top) / pano_hw[1]
+        if pano_h > 4.5:
+            pano_w, pano_h = pano_w * 4.5 / pano_h, 4.5
     # heights from the bottom: margin, panorama, its title, PCA row, gap, views row, view titles, suptitle
     parts = [_MARGIN_IN, pano_h, 0.3 if res.spatial else 0.0, pca_h, 0.1 if res.spatial else 0.45, row_h,
              _TITLE_IN, 0.3]
@@ -332,7 +359,6 @@ def pca_figure(
     label_in = 0.0 if res.spatial else 0.6  # room for the "View k" tick labels of the query matrix
     plot_pca_maps(result, level, box(_MARGIN_IN + label_in, bottoms[3], inner - label_in, pca_h), upsample=upsample)
     if res.spatial:
-        pano_w = 2 * pano_h
         plot_pca_panorama(result, level, box((width - pano_w) / 2, bottoms[1], pano_w, pano_h), out_hw=pano_hw,
                           upsample=upsample)
     grid_hw = res.features.grid_hw
@@ -355,6 +381,7 @@ def save_figure_atomic(fig: Figure, path: str | os.PathLike, *, dpi: int = _DPI)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", facecolor="white")
+            _umask_permissions(tmp)
     finally:
         fig.clear()
     return path

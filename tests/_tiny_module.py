@@ -77,12 +77,14 @@ def siglip_folder(path: Path, seed: int = 0) -> Path:
 
 
 def panollava_checkpoint(path: Path, folder: Path, *, encoder_prefix: str = "model.vision_encoder.",
-                         resampler_prefix: str = "model.resampler_module.resampler.", strip_vision_model: bool = False,
+                         resampler_prefix: str = "model.resampler_module.resampler.", key_head: str = "keep",
                          hparams: dict | None = None, datamodule: dict | None = None,
                          seed: int = 2) -> tuple[Path, nn.Module, nn.Module]:
     """A PanoLLaVA-layout checkpoint: returns ``(path, reference encoder, reference MLP)``.
 
     The encoder weights are a fresh seed (not the folder's), so loading them can be checked.
+    ``key_head``: ``"keep"`` the encoder's own keys, ``"add"`` / ``"strip"`` a leading ``vision_model.``
+    (the key layout differs between transformers versions and PanoLLaVA wrappers).
     """
     from panoviz_callback.models import build_resampler
 
@@ -90,8 +92,10 @@ def panollava_checkpoint(path: Path, folder: Path, *, encoder_prefix: str = "mod
     torch.manual_seed(seed)
     mlp = build_resampler("mlp", 32, 24).eval()
     enc = encoder.state_dict()
-    if strip_vision_model:
+    if key_head == "strip":
         enc = {k.removeprefix("vision_model."): v for k, v in enc.items()}
+    elif key_head == "add":
+        enc = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in enc.items()}
     state = {f"{encoder_prefix}{k}": v for k, v in enc.items()}
     state.update({f"{resampler_prefix}{k}": v for k, v in mlp.state_dict().items()})
     state["model.language_model.lm_head.weight"] = torch.zeros(64, 16)  # never rebuilt

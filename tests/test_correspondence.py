@@ -70,7 +70,8 @@ def test_e2p_against_direction_panorama(direction_panorama):
 
 
 def test_anyres_e2p_tiles_with_pitches(direction_panorama):
-    vs = make_views(direction_panorama(256).float(), "anyres_e2p", image_size=S_SMALL, patch_size=8, pitches=(-45, 0, 45))
+    pano = direction_panorama(256).float()
+    vs = make_views(pano, "anyres_e2p", image_size=S_SMALL, patch_size=8, pitches=(-45, 0, 45))
     pairs = [(1, 2), (17, 18), (1, 9), (9, 17), (20, 12), (24, 17)]  # rows, columns, a diagonal, the seam
     for i, j in pairs:
         _check_against_directions(vs, i, j, TOKEN_DEG)
@@ -91,7 +92,8 @@ def test_global_view_correspondence(direction_panorama):
 
 
 def test_sliding_window_exact_column_shift(direction_panorama):
-    vs = make_views(direction_panorama(256).float(), "sliding_window", image_size=S_SMALL, patch_size=8)  # 128 px windows, stride 64
+    # windows of 128 ERP px (14 tokens) with a stride of 64 px (7 tokens)
+    vs = make_views(direction_panorama(256).float(), "sliding_window", image_size=S_SMALL, patch_size=8)
     expected_i = torch.tensor([r * 14 + c for r in range(14) for c in range(7, 14)])
     for i, j in vs.pairs:
         idx_i, idx_j = patch_correspondence(vs, i, j, GRID)
@@ -111,7 +113,9 @@ def test_overlap_fraction_and_column_strip_error():
     naive_row, naive_col = row, col - 7
     assert (col >= 7).all()  # the matched tokens all lie in the strip...
     err = torch.maximum((idx_j // 14 - naive_row).abs(), (idx_j % 14 - naive_col).abs())
-    print(f"column-strip pairing error (tokens): max {int(err.max())}, mean {err.double().mean():.2f}, wrong {float((err > 0).double().mean()):.0%}")
+    wrong = float((err > 0).double().mean())
+    print(f"column-strip pairing error (tokens): max {int(err.max())}, mean {err.double().mean():.2f}, "
+          f"wrong {wrong:.0%}")
     assert 1 <= err.max() <= 3
     assert (err > 0).double().mean() > 0.25
     assert 98 - len(idx_i) == 6  # ...but 6 strip tokens see nothing of the other view
@@ -222,7 +226,8 @@ def test_stitch_sliding_window_band_and_low_resolution(direction_panorama):
     tokens = F.adaptive_avg_pool2d(vs.pixels, GRID)
     out, covered = stitch_equirect(tokens, vs, (64, 128))
     expected = direction_panorama(64).float()  # (3, 64, 128)
-    err = _angle_deg(F.normalize(out * 2 - 1, dim=0).permute(1, 2, 0)[covered], F.normalize(expected * 2 - 1, dim=0).permute(1, 2, 0)[covered])
+    got = F.normalize(out * 2 - 1, dim=0).permute(1, 2, 0)[covered]
+    err = _angle_deg(got, F.normalize(expected * 2 - 1, dim=0).permute(1, 2, 0)[covered])
     assert err.mean() < 0.25 * 90 / 14, float(err.mean())
 
 

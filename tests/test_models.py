@@ -170,3 +170,204 @@ def test_strip_correspondence_convention():
     assert strip_correspondence((2, 4), 0.01)[0].tolist() == [3, 7]  # at least one column
     with pytest.raises(ValueError, match="Argument `overlap` must be in"):
         strip_correspondence((2, 4), 0.0)
+
+
+def test_strip_and_geometric_pairing_differ_for_e2p():
+    from panoviz_callback.correspondence import patch_correspondence
+    from panoviz_callback.views import make_views
+
+    views = make_views(torch.zeros(3, 64, 128), "e2p", 224)  # 90 deg, 50 % overlap, 14 x 14 tokens
+    geometric = VICRegOverlapLoss(pairing="geometric").correspondences(views, (14, 14))
+    strip = VICRegOverlapLoss(pairing="strip").correspondences(views, (14, 14))
+    assert sorted(geometric) == sorted(strip) == sorted(views.pairs)
+    for (i, j), (gi, gj) in geometric.items():
+        ref_i, ref_j = patch_correspondence(views, i, j, (14, 14))
+        assert torch.equal(gi, ref_i) and torch.equal(gj, ref_j)
+    gi, gj = geometric[(0, 1)]
+    si, sj = strip[(0, 1)]
+    assert len(si) == 14 * 7
+    geo_pairs = set(zip(gi.tolist(), gj.tolist()))
+    strip_pairs = set(zip(si.tolist(), sj.tolist()))
+    # the strip scheme pairs tokens that do not see the same point (off by one or more tokens)
+    assert len(strip_pairs - geo_pairs) > len(strip_pairs) // 4
+    # the partner of a strip token is on the same row; the true partner drifts towards the centre row
+    assert any((a // 14) != (b // 14) for a, b in geo_pairs)
+    assert all((a // 14) == (b // 14) for a, b in strip_pairs)
+
+
+# ---------------------------------------------------------------------------------------------- data module
+def test_data_module_synthetic_cardinality_and_reproducibility():
+    from panoviz_callback.models import PanoDataModule
+
+    dm = PanoDataModule(num_synthetic=3, image_size=32, batch_size=2, num_val=1, seed=5)
+    dm.setup("fit")
+    assert dm.num_views == 8
+    assert len(dm.train_set) == 3 and len(dm.val_set) == 1
+    assert dm.train_set.panorama(0).shape == (3, 64, 128)  # synthetic_height defaults to 2 * image_size
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy())
+    batches = [b for b in dm.train_dataloader()]
+    assert torch.equal(rng[0], torch.get_rng_state()) and np.array_equal(rng[1], np.random.get_state()[1])
+    assert [tuple(b["pixels"].shape) for b in batches] == [(2, 8, 3, 32, 32), (1, 8, 3, 32, 32)]
+    assert sorted(torch.cat([b["index"] for b in batches]).tolist()) == [0, 1, 2]
+    # same (index, epoch): same yaw; another epoch: another yaw; plain index: no rotation
+    assert torch.equal(dm.train_set[(1, 0)]["pixels"], dm.train_set[(1, 0)]["pixels"])
+    assert not all(torch.equal(dm.train_set[(i, 0)]["pixels"], dm.train_set[(i, 1)]["pixels"]) for i in range(3))
+    from panoviz_callback.views import make_views
+
+    plain = make_views(dm.train_set.panorama(1), "e2p", 32).pixels
+    assert torch.equal(dm.train_set[1]["pixels"], plain)
+    val = next(iter(dm.val_dataloader()))["pixels"]
+    assert torch.equal(val[0], make_views(dm.val_set.panorama(0), "e2p", 32).pixels)
+    # the epoch reaches the items: two passes give two orders/yaws, a second module repeats them
+    loader = dm.train_dataloader()
+    first, second = (torch.cat([b["pixels"] for b in loader]) for _ in range(2))
+    assert not torch.equal(first, second)
+    dm2 = PanoDataModule(num_synthetic=3, image_size=32, batch_size=2, num_val=1, seed=5)
+    dm2.setup("fit")
+    assert torch.equal(torch.cat([b["pixels"] for b in dm2.train_dataloader()]), first)
+    no_val = PanoDataModule(num_synthetic=2, image_size=32)
+    no_val.setup("fit")
+    assert no_val.val_dataloader() == []
+
+
+def test_data_module_folder(tmp_path):
+    from PIL import Image
+
+    from panoviz_callback.models import PanoDataModule
+
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a.png": (64, 128), "b.jpg": (96, 192), "c.png": (80, 160)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    dm = PanoDataModule(str(tmp_path), image_size=32, batch_size=2, num_val=1, crop_strategy="cubemap", max_width=160)
+    dm.setup("fit")
+    assert [p.rsplit("/", 1)[-1] for p in dm.train_set.sources] == ["a.png", "b.jpg"]
+    assert [p.rsplit("/", 1)[-1] for p in dm.val_set.sources] == ["c.png"]
+    assert dm.train_set.panorama(1).shape == (3, 80, 160)  # downscaled to max_width
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixels"].shape == (2, 4, 3, 32, 32)
+    with pytest.raises(ValueError, match="need more than num_val=3"):
+        PanoDataModule(str(tmp_path), num_val=3).setup("fit")
+    with pytest.raises(ValueError, match="Argument `data_dir` must be a folder"):
+        PanoDataModule(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="Argument `batch_size` must be in"):
+        PanoDataModule(batch_size=0)
+
+
+# ---------------------------------------------------------------------------------------------- the module
+_SIZE = 64  # 4 x 4 tokens of the tiny encoder (patch 16): fast on a CPU
+
+
+def _tiny_module(**kwargs):
+    from panoviz_callback.models import PanoVisionModule
+
+    torch.manual_seed(0)
+    return PanoVisionModule("tiny", vision_overrides={"image_size": _SIZE}, image_size=_SIZE, **kwargs)
+
+
+def _probe_overlap_cosine(model, views) -> float:
+    """Plain mean cosine of the resampled tokens over the geometric token pairs of every view pair."""
+    from panoviz_callback.correspondence import patch_correspondence
+
+    with torch.no_grad():
+        z = model(views.pixels)  # (V, N, D)
+    grid = (_SIZE // 16, _SIZE // 16)
+    cos = [torch.nn.functional.cosine_similarity(z[i, a], z[j, b], dim=-1).mean()
+           for i, j in views.pairs for a, b in [patch_correspondence(views, i, j, grid)]]
+    return torch.stack(cos).mean().item()
+
+
+class _LossRecorder:
+    def __new__(cls):
+        import lightning.pytorch as pl
+
+        class Recorder(pl.Callback):
+            def __init__(self):
+                self.losses: list[list[float]] = []
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                self.losses.append([])
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.losses[-1].append(float(outputs["loss"]))
+
+        return Recorder()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train the MLP module for 3 short epochs on synthetic panoramas; keep what the tests compare."""
+    import lightning.pytorch as pl
+
+    from panoviz_callback.models import PanoDataModule
+    from panoviz_callback.panorama import synthetic_panorama
+    from panoviz_callback.views import make_views
+
+    model = _tiny_module(lr=3e-3)
+    encoder_before = {k: v.clone() for k, v in model.vision_encoder.state_dict().items()}
+    probe = make_views(synthetic_panorama(2 * _SIZE, seed=100), "e2p", _SIZE)  # a scene not trained on
+    model.eval()
+    before = _probe_overlap_cosine(model, probe)
+    dm = PanoDataModule(num_synthetic=8, image_size=_SIZE, batch_size=2, num_val=1)
+    recorder = _LossRecorder()
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         callbacks=[recorder], default_root_dir=tmp_path_factory.mktemp("fit"))
+    trainer.fit(model, dm)
+    encoder_modes = {name: m.training for name, m in model.vision_encoder.named_modules()}
+    model.eval()
+    after = _probe_overlap_cosine(model, probe)
+    return {"model": model, "trainer": trainer, "losses": recorder.losses, "before": before, "after": after,
+            "encoder_before": encoder_before, "encoder_modes": encoder_modes, "probe": probe,
+            "dir": tmp_path_factory.mktemp("ckpt")}
+
+
+def test_module_trains_and_loss_decreases(trained):
+    losses = trained["losses"]
+    assert [len(epoch) for epoch in losses] == [4, 4, 4]
+    assert np.mean(losses[-1]) < np.mean(losses[0]) - 0.2
+    metrics = trained["trainer"].callback_metrics
+    assert {"train/loss", "train/invariance", "train/variance", "train/covariance", "val/loss"} <= set(metrics)
+
+
+def test_module_vicreg_raises_overlap_cosine(trained):
+    # the product behaviour: tokens that see the same scene point agree more after training
+    assert trained["after"] > trained["before"] + 0.05, (trained["before"], trained["after"])
+
+
+def test_module_frozen_encoder_untouched(trained):
+    model = trained["model"]
+    for name, value in model.vision_encoder.state_dict().items():
+        assert torch.equal(value, trained["encoder_before"][name]), name
+    assert not any(p.requires_grad for p in model.vision_encoder.parameters())
+    assert not any(trained["encoder_modes"].values())  # in eval during the whole fit
+    model.train()
+    assert model.training and model.resampler.training and not model.vision_encoder.training
+
+
+def test_module_checkpoint_roundtrip(trained):
+    from panoviz_callback.models import PanoVisionModule
+
+    path = trained["dir"] / "model.ckpt"
+    trained["trainer"].save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["vision_name"] == "tiny" and hp["vision_overrides"] == {"image_size": _SIZE}
+    assert hp["image_size"] == _SIZE and hp["latent_dimension"] == 64 and hp["resampler_type"] == "mlp"
+    assert ckpt["datamodule_hyper_parameters"]["crop_strategy"] == "e2p"
+    assert {k.split(".")[0] for k in ckpt["state_dict"]} == {"vision_encoder", "resampler", "projector"}
+    model = trained["model"].eval()
+    pixels = trained["probe"].pixels
+    restored = PanoVisionModule.load_from_checkpoint(path, weights_only=True).eval()
+    with torch.no_grad():
+        assert torch.equal(restored(pixels), model(pixels))
+    # the vision stage alone, from hyper_parameters and the documented prefixes
+    encoder, resampler = PanoVisionModule.build_vision_stage(hp, pretrained=False)
+    sd = ckpt["state_dict"]
+    encoder.load_state_dict({k[len("vision_encoder."):]: v for k, v in sd.items() if k.startswith("vision_encoder.")})
+    resampler.load_state_dict({k[len("resampler."):]: v for k, v in sd.items() if k.startswith("resampler.")})
+    from panoviz_callback.features import extract_features
+
+    with torch.no_grad():
+        tokens = resampler(extract_features(encoder.eval(), pixels).tokens)
+        assert torch.equal(tokens, model(pixels))

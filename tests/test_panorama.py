@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import re
 import struct
 import warnings
@@ -29,7 +28,11 @@ from panoviz_callback.panorama import (
     _ROOM_LO,
     _WALL_COLORS,
     PanoramaError,
+    _pixel_regions,
+    _ray_grid,
     _render_scene,
+    _scene_objects,
+    _shade_object,
     load_panorama,
     synthetic_panorama,
 )
@@ -98,7 +101,8 @@ class TestLoadPanorama:
         assert load_panorama(str(path)).equal(pano)
 
     @pytest.mark.parametrize(
-        "suffix, params", [(".png", {}), (".webp", {"lossless": True}), (".tiff", {}), (".tif", {"compression": "tiff_lzw"})]
+        "suffix, params",
+        [(".png", {}), (".webp", {"lossless": True}), (".tiff", {}), (".tif", {"compression": "tiff_lzw"})],
     )
     def test_lossless_8bit_roundtrip(self, tmp_path, suffix, params):
         a = np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8)
@@ -371,11 +375,11 @@ class TestSyntheticPanorama:
         assert synthetic_panorama(height).shape == (3, height, 2 * height)
 
     def test_deterministic_per_seed(self):
-        a, b = synthetic_panorama(96, seed=3), synthetic_panorama(96, seed=3)
+        a, b = synthetic_panorama(64, seed=3), synthetic_panorama(64, seed=3)
         assert torch.equal(a, b)
-        c = synthetic_panorama(96, seed=4)
+        c = synthetic_panorama(64, seed=4)
         assert (a - c).abs().amax(0).gt(0.1).float().mean() > 0.005  # the objects moved
-        assert not torch.equal(synthetic_panorama(96), c)
+        assert not torch.equal(synthetic_panorama(64), c)
 
     def test_global_rng_untouched(self):
         torch.manual_seed(123)
@@ -441,14 +445,12 @@ class TestSyntheticPanorama:
             checked += 1
         assert checked > 100
         xs = np.linspace(-math.tan(math.radians(60)), math.tan(math.radians(60)), 201)
-        for corner_x, side in ((_ROOM_LO[0], _LEFT), (_ROOM_HI[0], _RIGHT)):
-            expected_col = np.interp(corner_x / _ROOM_HI[2], xs, np.arange(len(xs)))
-            band = view[(ys > 0.02) & (ys < 0.3)]  # wall rows above eye level (no objects), below the ceiling
-            cols = np.nonzero((band == _FRONT).any(0))[0]
-            edge = cols.min() - 0.5 if side == _LEFT else cols.max() + 0.5
-            assert abs(edge - expected_col) <= 1.0
-            assert all(((row == _FRONT).nonzero()[0].min() if side == _LEFT else (row == _FRONT).nonzero()[0].max())
-                       == (cols.min() if side == _LEFT else cols.max()) for row in band)
+        band = view[(ys > 0.02) & (ys < 0.3)]  # wall rows above eye level (no objects), below the ceiling
+        first = {int(np.nonzero(row == _FRONT)[0].min()) for row in band}
+        last = {int(np.nonzero(row == _FRONT)[0].max()) for row in band}
+        assert len(first) == 1 and len(last) == 1  # the corners are vertical lines
+        assert abs(first.pop() - 0.5 - np.interp(_ROOM_LO[0] / _ROOM_HI[2], xs, np.arange(len(xs)))) <= 1.0
+        assert abs(last.pop() + 0.5 - np.interp(_ROOM_HI[0] / _ROOM_HI[2], xs, np.arange(len(xs)))) <= 1.0
 
     def test_objects_depend_on_seed(self):
         _, a = _render_scene(64, 0, torch.device("cpu"), offsets=((0.0, 0.0),))
@@ -462,3 +464,26 @@ class TestSyntheticPanorama:
         assert cpu.device.type == "cpu"
         if torch.cuda.is_available():
             assert (synthetic_panorama(32, device="cuda").cpu() - cpu).abs().max() < 1e-3
+
+    @pytest.mark.parametrize(
+        "obj, max_area",
+        [
+            *[(o, 0.2) for seed in range(2) for o in _scene_objects(seed)],
+            ({"kind": "sphere", "center": (0.1, -1.2, -2.0), "radius": 0.4, "angle": 0.0, "color": (1, 0, 0)}, 0.2),
+            ({"kind": "box", "center": (-0.2, -1.0, -1.5), "half": (0.5, 0.5, 0.3), "radius": 0.77, "angle": 0.4,
+              "color": (0, 1, 0)}, 0.3),  # across the +-180 seam
+            ({"kind": "sphere", "center": (0.0, -1.2, 0.3), "radius": 0.3, "angle": 0.0, "color": (1, 0, 0)}, 0.2),
+        ],
+    )
+    def test_object_culling_keeps_every_hit(self, obj, max_area):
+        """The pixel regions that cull object intersections contain every ray that hits the object."""
+        h = 96
+        ray = _ray_grid(h, ((-0.25, -0.25), (0.25, 0.25)), torch.device("cpu"))
+        t, _ = _shade_object(obj, ray)
+        hits = torch.isfinite(t).any(0)  # (H, 2H)
+        assert hits.any()
+        covered = torch.zeros_like(hits)
+        for r0, r1, c0, c1 in _pixel_regions(obj["center"], obj["radius"], h, 2 * h):
+            covered[r0:r1, c0:c1] = True
+        assert not (hits & ~covered).any()
+        assert covered.float().mean() < max_area  # culling does cull

@@ -22,7 +22,8 @@ py360convert = pytest.importorskip("py360convert")
 
 def _e2p_reference(pano: torch.Tensor, fov, yaw, pitch, hw) -> torch.Tensor:
     arr = pano.permute(1, 2, 0).numpy()
-    return torch.from_numpy(np.ascontiguousarray(py360convert.e2p(arr, fov, yaw, pitch, hw, mode="bilinear"))).permute(2, 0, 1)
+    out = py360convert.e2p(arr, fov, yaw, pitch, hw, mode="bilinear")  # (h, w, C)
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1)
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5) -> None:
@@ -86,7 +87,8 @@ def test_agreement_with_py360convert_on_photographs():
 
     for path in sorted(SHARED_PANORAMAS.glob("*.jpg")):
         with Image.open(path) as img:
-            pano = torch.from_numpy(np.asarray(img.convert("RGB").resize((1024, 512)), dtype=np.float32) / 255).permute(2, 0, 1)
+            arr = np.asarray(img.convert("RGB").resize((1024, 512)), dtype=np.float32) / 255
+        pano = torch.from_numpy(arr).permute(2, 0, 1)
         yaws, pitches = [0.0, 135.0, 180.0, -100.0], [0.0, 30.0, -60.0, 80.0]
         ours = erp_to_perspective(pano, yaws, pitches, 90.0, (96, 96))
         for k, (yaw, pitch) in enumerate(zip(yaws, pitches)):
@@ -122,9 +124,10 @@ def test_convention_coordinates():
 def test_convention_yaw_direction():
     """Asymmetric panorama: a bright blob at lon +60 (right), lat +30 (up)."""
     height = 128
-    dirs = lonlat_to_direction(*reversed(torch.meshgrid(
-        (0.5 - (torch.arange(height) + 0.5) / height) * 180, ((torch.arange(2 * height) + 0.5) / (2 * height) - 0.5) * 360,
-        indexing="ij")))
+    lat = (0.5 - (torch.arange(height) + 0.5) / height) * 180
+    lon = ((torch.arange(2 * height) + 0.5) / (2 * height) - 0.5) * 360
+    lat, lon = torch.meshgrid(lat, lon, indexing="ij")
+    dirs = lonlat_to_direction(lon, lat)  # (H, W, 3)
     blob_dir = lonlat_to_direction(torch.tensor(60.0), torch.tensor(30.0))
     blob = ((dirs @ blob_dir) > math.cos(math.radians(10))).double()
     pano = torch.stack([blob, torch.zeros_like(blob), 1 - blob])
@@ -190,7 +193,9 @@ def test_lonlat_and_rotation_conventions():
 
 def test_window_and_global_views(textured_panorama):
     pano = textured_panorama(64).float()  # (3, 64, 128)
-    cams = [Camera(180.0, 0.0, 90.0, "window"), Camera(0.0, 0.0, 360.0, "global", 180.0), Camera(0.0, 0.0, 90.0, "tile")]
+    cams = [
+        Camera(180.0, 0.0, 90.0, "window"), Camera(0.0, 0.0, 360.0, "global", 180.0), Camera(0.0, 0.0, 90.0, "tile")
+    ]
     out = sample_views(pano, cams, 16)
     crop = torch.roll(pano, 64, dims=-1)[:, 16:48, 48:80]  # 90 deg around lon 180, the equator band
     ref = torch.nn.functional.interpolate(crop[None], size=(16, 16), mode="bilinear", antialias=True)[0]
@@ -207,6 +212,10 @@ def test_grid_cache(textured_panorama):
     second = erp_to_perspective(pano, [1.0, 2.0], 3.0, 77.0, (8, 8))
     assert _perspective_sampler.cache_info().hits == hits + 1
     _assert_close(first, second, atol=0)
+
+
+class _BadCam:
+    yaw_deg, pitch_deg, fov_deg, kind, vfov_deg = 0.0, 0.0, 90.0, "fisheye", None
 
 
 def test_exception(textured_panorama):
@@ -227,7 +236,3 @@ def test_exception(textured_panorama):
         erp_to_perspective(pano, torch.zeros(2, 2), 0, 90, (8, 8))
     with pytest.raises(ValueError, match="Argument `kind` must be one of"):
         sample_views(pano, [_BadCam()], 8)
-
-
-class _BadCam:
-    yaw_deg, pitch_deg, fov_deg, kind, vfov_deg = 0.0, 0.0, 90.0, "fisheye", None

@@ -83,10 +83,13 @@ def test_cardinality_logged_images(anyres, queries):
     stacked = render.pca_grid_image(anyres, "resampled", with_views=True)
     assert stacked.shape == (3, 64 + 4 + 64, views_img.shape[2])
     assert torch.equal(stacked[:, :64], views_img)
+    full = render.pca_panorama_image(anyres, "vision_encoder", out_hw=(64, 128), crop=False)
+    assert full.dtype == torch.uint8 and full.shape == (3, 64, 128)
+    # pitch-0 tiles of 90 deg leave the poles unseen: dark grey there, and cropped away by default
+    assert torch.all(full[:, 0] == round(0.25 * 255))
     pano = render.pca_panorama_image(anyres, "vision_encoder", out_hw=(64, 128))
-    assert pano.dtype == torch.uint8 and pano.shape == (3, 64, 128)
-    # pitch-0 tiles of 90 deg leave the poles unseen: dark grey there
-    assert torch.all(pano[:, 0] == round(0.25 * 255))
+    assert pano.shape[0] == 3 and 32 <= pano.shape[1] < 40 and pano.shape[2] == 128
+    assert pano.shape == render.pca_panorama_image(anyres, "resampled", out_hw=(64, 128)).shape
     # query tokens: a V x Q matrix of colour cells, no panorama
     matrix = render.pca_grid_image(queries, "resampled")
     cell = matrix.shape[1] // 4

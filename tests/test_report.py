@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import stat
 
 import pytest
 
@@ -72,6 +74,10 @@ def test_write_reports_roundtrip(tmp_path):
     assert paths["txt"].read_text(encoding="utf-8") == format_text_report(data)
     assert sorted(p.name for p in paths["txt"].parent.iterdir()) == ["similarity_analysis_run1.txt",
                                                                       "similarity_run1.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths.values():  # the permissions of a normally created file, not mkstemp's 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
 
 
 def test_exception_nan_is_never_written(tmp_path):

@@ -139,7 +139,8 @@ def test_uint8_panorama(textured_panorama):
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"strategy": "ring"}, ValueError, r"Argument `strategy` must be one of \('e2p', 'anyres_e2p', 'cubemap', 'sliding_window'\), got 'ring'"),
+        ({"strategy": "ring"}, ValueError,
+         r"Argument `strategy` must be one of \('e2p', 'anyres_e2p', 'cubemap', 'sliding_window'\), got 'ring'"),
         ({"fov_deg": 0}, ValueError, r"Argument `fov_deg` must be in \(0, 180\), got 0.0"),
         ({"fov_deg": 180}, ValueError, r"Argument `fov_deg` must be in \(0, 180\), got 180.0"),
         ({"strategy": "sliding_window", "fov_deg": -5}, ValueError, r"Argument `fov_deg` must be in \(0, 180\)"),
@@ -152,7 +153,8 @@ def test_uint8_panorama(textured_panorama):
         ({"fov": 90}, ValueError, r"Unknown option 'fov' for strategy 'e2p'; expected one of \('fov_deg', "),
         ({"strategy": "cubemap", "faces": 5}, ValueError, r"Argument `faces` must be one of \(4, 6\), got 5"),
         ({"strategy": "cubemap", "fov_deg": 90}, ValueError, r"Unknown option 'fov_deg' for strategy 'cubemap'"),
-        ({"strategy": "anyres_e2p", "pitches": (0, 100)}, ValueError, r"Argument `pitches` must be in \[-90, 90\], got 100.0"),
+        ({"strategy": "anyres_e2p", "pitches": (0, 100)}, ValueError,
+         r"Argument `pitches` must be in \[-90, 90\], got 100.0"),
         ({"strategy": "anyres_e2p", "pitches": ()}, ValueError, r"Argument `pitches` must hold at least one pitch"),
     ],
 )

@@ -104,7 +104,9 @@ class PanoDataModule(pl.LightningDataModule):
         data_dir: folder of panoramas (JPEG/PNG/WebP/TIFF, any size, any count, not
             searched recursively); ``None`` uses ``num_synthetic`` synthetic panoramas.
         num_synthetic: synthetic training panoramas (``synthetic_panorama(seed=i)``).
-        synthetic_height: height ``H`` of the synthetic panoramas (width ``2 H``).
+        synthetic_height: height ``H`` of the synthetic panoramas (width ``2 H``); ``None``:
+            ``2 * image_size``, enough for 90 deg views to sample about one panorama pixel per
+            view pixel.
         max_width: panoramas from files wider than this are downscaled on load.
         crop_strategy: ``make_views`` strategy; must match the model's.
         image_size: view size ``S``; must match the model's.
@@ -133,7 +135,7 @@ class PanoDataModule(pl.LightningDataModule):
         self,
         data_dir: str | None = None,
         num_synthetic: int = 16,
-        synthetic_height: int = 256,
+        synthetic_height: int | None = None,
         max_width: int | None = 2048,
         crop_strategy: str = "e2p",
         image_size: int = 224,
@@ -175,7 +177,7 @@ class PanoDataModule(pl.LightningDataModule):
             return
         h = self.hparams
         train, val = self._sources()
-        common = dict(max_width=h.max_width, synthetic_height=h.synthetic_height, crop_strategy=h.crop_strategy,
+        common = dict(max_width=h.max_width, synthetic_height=h.synthetic_height or 2 * h.image_size, crop_strategy=h.crop_strategy,
                       image_size=h.image_size, crop_options=dict(h.crop_options or {}), seed=h.seed)
         self.train_set = _PanoViewDataset(train, random_yaw=h.random_yaw, **common)
         self.val_set = _PanoViewDataset(val, random_yaw=False, **common) if val else None

@@ -115,21 +115,33 @@ class PanoVisionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ building
     @staticmethod
-    def build_vision_stage(hparams: Mapping[str, Any]) -> tuple[nn.Module, nn.Module]:
+    def build_vision_stage(hparams: Mapping[str, Any], *, pretrained: bool = True) -> tuple[nn.Module, nn.Module]:
         """Build the encoder and the resampler (no projector) from ``hyper_parameters``.
 
         Missing keys take the constructor's defaults and unknown keys are ignored, so the
         ``hyper_parameters`` of a PanoLLaVA checkpoint (``vision_name``, ``resampler_type``,
-        ``latent_dimension``) work too. The weights are random (or pretrained for a hub
-        name); load a checkpoint's ``vision_encoder.*`` / ``resampler.*`` entries on top.
+        ``latent_dimension``) work too.
+
+        Args:
+            hparams: a checkpoint's ``hyper_parameters`` (or any mapping of constructor arguments).
+            pretrained: load the encoder's pretrained weights (folder or cached hub name);
+                ``False`` builds it from its config only, for loading a checkpoint's
+                ``vision_encoder.*`` weights on top (the resampler is always random).
 
         Returns:
-            ``(encoder, resampler)``.
+            ``(encoder, resampler)``, the encoder in ``eval`` mode.
+
+        Example::
+
+            >>> ckpt = torch.load("last.ckpt", weights_only=True)  # doctest: +SKIP
+            >>> enc, res = PanoVisionModule.build_vision_stage(ckpt["hyper_parameters"], pretrained=False)  # doctest: +SKIP
+            >>> sd = ckpt["state_dict"]  # doctest: +SKIP
+            >>> enc.load_state_dict({k[15:]: v for k, v in sd.items() if k.startswith("vision_encoder.")})  # doctest: +SKIP
         """
         from panoviz_callback.features import load_vision_encoder
 
         h = {**_DEFAULTS, **{k: v for k, v in dict(hparams).items() if k in _DEFAULTS}}
-        encoder = load_vision_encoder(h["vision_name"], **(h["vision_overrides"] or {}))
+        encoder = load_vision_encoder(h["vision_name"], pretrained=pretrained, **(h["vision_overrides"] or {}))
         in_dim = _encoder_hidden_size(encoder)
         resampler = build_resampler(
             h["resampler_type"], in_dim, h["latent_dimension"] or in_dim, num_queries=h["num_queries"],
@@ -252,13 +264,22 @@ class PanoVisionModule(pl.LightningModule):
         hp = getattr(dm, "hparams", None)
         if hp is None or "crop_strategy" not in hp:
             return
-        mine = (self.hparams.crop_strategy, self.hparams.image_size, dict(self.hparams.crop_options or {}))
-        theirs = (hp["crop_strategy"], hp["image_size"], dict(hp.get("crop_options") or {}))
+        mine = (self.hparams.crop_strategy, self.hparams.image_size, _plain(self.hparams.crop_options or {}))
+        theirs = (hp["crop_strategy"], hp["image_size"], _plain(hp.get("crop_options") or {}))
         if mine != theirs:
             raise ValueError(
                 f"The data module cuts views with (crop_strategy, image_size, crop_options)={theirs} but the "
                 f"model expects {mine}: give both the same crop settings."
             )
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, mappings as dicts (YAML and Python spellings of one setting compare equal)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _projector(dim: int, width: int) -> nn.Module:

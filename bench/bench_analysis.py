@@ -1,0 +1,334 @@
+"""Time the analysis after the encoder forward: ours vs the original tool's way, on the same features.
+
+Setting (issue 3, "Speed"): 8 views of 224 px cut from the synthetic probe (e2p, 90 deg FoV,
+50% overlap), a ViT-B/16-shaped SigLIP vision model built from a config with random weights
+(768 dims, 12 layers, 196 tokens per view). The encoder runs once; both pipelines then
+analyse the same ``(8, 196, 768)`` features in one process:
+
+- ours: :class:`panoviz_callback.Analyzer` (torch PCA, batched metrics, SSIM on warped PCA
+  images) fed the cached features, plus the PCA map row at view size (``render``);
+- the original way: per-view NumPy, scikit-learn PCA, a Python-loop Mahalanobis distance
+  over tokens (``outlier_removal``), column-strip pairing for the overlap, NumPy CKA,
+  scikit-image SSIM in a loop over pairs, per-view scikit-image resizing.
+
+Both compute PCA, every metric but LPIPS and the images. The Hungarian assignment is scipy's
+``linear_sum_assignment`` on the CPU in both. Timings are the median of ``--repeats`` runs
+after one warm-up run (geometry caches filled, as at every callback firing after the first).
+Other processes may share the CPU: the numbers are noisy.
+
+Usage::
+
+    python bench/bench_analysis.py [--repeats 5] [--bg_removal outlier_removal] [--threads 1]
+
+``--threads`` limits torch and the BLAS libraries of NumPy/SciPy (threadpoolctl) alike; the
+default 1 keeps both pipelines single-threaded, which is fair and far less noisy on a shared
+2-core machine (``--threads 0`` keeps the libraries' defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from panoviz_callback import render
+from panoviz_callback.analysis import METRICS, Analyzer
+from panoviz_callback.correspondence import warp_pairs
+from panoviz_callback.features import extract_features
+from panoviz_callback.panorama import synthetic_panorama
+from panoviz_callback.views import make_views
+
+STAGES = ("pca", "token_cosine", "overlap_cosine", "hungarian_cosine", "hungarian_accuracy", "linear_cka",
+          "debiased_cka", "ssim", "images")
+
+
+def vit_b16(seed: int = 0) -> nn.Module:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                                patch_size=16, image_size=224, vision_use_head=False)
+    return SiglipVisionModel(config).eval()
+
+
+class Cached(nn.Module):
+    """An 'encoder' that returns precomputed tokens: the analysis is timed without the forward."""
+
+    patch_size = 16
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        super().__init__()
+        self.tokens = tokens
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tokens
+
+
+# ------------------------------------------------------------------------ ours
+def run_ours(views, tokens, bg_removal):
+    analyzer = Analyzer(metrics=[m for m in METRICS if m != "lpips"], bg_removal=bg_removal, normalize=None,
+                        stable_colors=False)
+    result = analyzer(views, Cached(tokens))
+    start = time.perf_counter()
+    render.pca_grid_image(result, "vision_encoder")  # the PCA maps at view size, as logged and drawn
+    images = time.perf_counter() - start
+    t = result.timings
+    level = "vision_encoder"
+    stages = {
+        "pca": t[f"{level}/pca"],
+        "token_cosine": t[f"{level}/token_cosine"],
+        # the correspondence is shared by the overlap metrics; charge it to overlap_cosine
+        "overlap_cosine": t[f"{level}/overlap_cosine"] + t.get(f"{level}/correspondence", 0.0),
+        "hungarian_cosine": t[f"{level}/hungarian_cosine"],
+        "hungarian_accuracy": t[f"{level}/hungarian_accuracy"],
+        "linear_cka": t[f"{level}/linear_cka"],
+        "debiased_cka": t[f"{level}/debiased_cka"],
+        "ssim": t[f"{level}/ssim"] + t[f"{level}/warp"],
+        "images": images,
+    }
+    return stages, result
+
+
+# ----------------------------------------------------------- the original way
+def _sk_pca(x, k):
+    from sklearn.decomposition import PCA
+
+    return PCA(n_components=k).fit(x)
+
+
+def original_pca(feats, grid, bg_removal):
+    """sklearn PCA over all tokens, per-view transforms; Mahalanobis distance in a Python loop."""
+    all_tokens = np.concatenate(feats, axis=0)  # (V*N, D)
+    keep = np.ones(len(all_tokens), dtype=bool)
+    if bg_removal == "outlier_removal":
+        mean = all_tokens.mean(axis=0)
+        inv = np.linalg.pinv(np.cov(all_tokens, rowvar=False))
+        dist = []
+        for token in all_tokens:  # one token at a time, as the original did
+            diff = token - mean
+            dist.append(math.sqrt(max(float(diff @ inv @ diff), 0.0)))
+        keep = np.asarray(dist) <= np.percentile(dist, 95)
+    elif bg_removal == "threshold":
+        first = _sk_pca(all_tokens, 1).transform(all_tokens)[:, 0]
+        first = (first - first.min()) / (first.max() - first.min() + 1e-8)
+        keep = first >= 0.5
+    pca = _sk_pca(all_tokens[keep], 3)
+    coords = [pca.transform(f) for f in feats]
+    stacked = np.concatenate(coords)[keep]
+    lo, hi = np.percentile(stacked, 2, axis=0), np.percentile(stacked, 98, axis=0)
+    images = []
+    for c in coords:
+        rgb = np.clip((c - lo) / (hi - lo + 1e-8), 0, 1)
+        images.append(rgb.reshape(grid[0], grid[1], 3))
+    return images
+
+
+def _cos_matrix(a, b):
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    return cosine_similarity(a, b)
+
+
+def original_token_cosine(feats, pairs):
+    return [float(np.diag(_cos_matrix(feats[i], feats[j])).mean()) for i, j in pairs]
+
+
+def _strip_columns(views, i, j, gw):
+    """The original pairing: the right strip of view i against the left strip of view j."""
+    ci, cj = views.cameras[i], views.cameras[j]
+    dyaw = abs((cj.yaw_deg - ci.yaw_deg + 180) % 360 - 180)
+    return max(0, round(gw * (1 - dyaw / ci.fov_deg)))
+
+
+def original_overlap_cosine(feats, views, pairs, grid):
+    gh, gw = grid
+    out = []
+    for i, j in pairs:
+        k = _strip_columns(views, i, j, gw)
+        a, b = feats[i].reshape(gh, gw, -1), feats[j].reshape(gh, gw, -1)
+        sims = []
+        for r in range(gh):
+            for c in range(k):
+                u, v = a[r, gw - k + c], b[r, c]
+                sims.append(float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v) + 1e-8)))
+        out.append(float(np.mean(sims)) if sims else math.nan)
+    return out
+
+
+def original_hungarian(feats, pairs):
+    from scipy.optimize import linear_sum_assignment
+
+    out = []
+    for i, j in pairs:
+        sim = _cos_matrix(feats[i], feats[j])
+        rows, cols = linear_sum_assignment(-sim)
+        out.append((float(sim[rows, cols].mean()), cols))
+    return out
+
+
+def original_hungarian_accuracy(matches, views, pairs, grid):
+    gh, gw = grid
+    out = []
+    for (i, j), (_, cols) in zip(pairs, matches):
+        k = _strip_columns(views, i, j, gw)
+        hits = total = 0
+        for r in range(gh):
+            for c in range(k):
+                got = cols[r * gw + gw - k + c]
+                hits += abs(got // gw - r) <= 1 and abs(got % gw - c) <= 1
+                total += 1
+        out.append(hits / total if total else math.nan)
+    return out
+
+
+def original_linear_cka(x, y):
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return float(np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def _unbiased_centre(gram):
+    n = gram.shape[0]
+    gram = gram.copy()
+    np.fill_diagonal(gram, 0)
+    means = gram.sum(0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    gram -= means[:, None]
+    gram -= means[None, :]
+    np.fill_diagonal(gram, 0)
+    return gram
+
+
+def original_debiased_cka(x, y):
+    gx, gy = _unbiased_centre(x @ x.T), _unbiased_centre(y @ y.T)
+    return float((gx.ravel() @ gy.ravel()) / (np.linalg.norm(gx) * np.linalg.norm(gy)))
+
+
+def original_ssim(ref, warped, mask):
+    """scikit-image SSIM per pair, averaged over the overlap."""
+    from skimage.metrics import structural_similarity
+
+    out = []
+    for a, b, m in zip(ref, warped, mask):
+        _, smap = structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                        data_range=1.0, channel_axis=-1, full=True)
+        smap = smap.mean(-1)
+        out.append(float(smap[m].mean()) if m.any() else math.nan)
+    return out
+
+
+def original_images(images, size):
+    from skimage.transform import resize
+
+    return [resize(img, (size, size), order=0, anti_aliasing=False) for img in images]
+
+
+def run_original(views, tokens, bg_removal, grid, metric_images):
+    """The same work, the original tool's way. ``metric_images``: our warped PCA images (same inputs)."""
+    stages = {}
+    pairs = list(views.pairs)
+
+    def timed(name, fn, *args):
+        start = time.perf_counter()
+        value = fn(*args)
+        stages[name] = time.perf_counter() - start
+        return value
+
+    feats = timed("pca", lambda: [t.numpy() for t in tokens])
+    images = timed("pca_", original_pca, feats, grid, bg_removal)
+    stages["pca"] += stages.pop("pca_")
+    values = {"token_cosine": timed("token_cosine", original_token_cosine, feats, pairs),
+              "overlap_cosine": timed("overlap_cosine", original_overlap_cosine, feats, views, pairs, grid)}
+    matches = timed("hungarian_cosine", original_hungarian, feats, pairs)
+    values["hungarian_cosine"] = [m[0] for m in matches]
+    values["hungarian_accuracy"] = timed("hungarian_accuracy", original_hungarian_accuracy, matches, views, pairs, grid)
+    f64 = [f.astype(np.float64) for f in feats]
+    values["linear_cka"] = timed("linear_cka", lambda: [original_linear_cka(f64[i], f64[j]) for i, j in pairs])
+    values["debiased_cka"] = timed("debiased_cka", lambda: [original_debiased_cka(f64[i], f64[j]) for i, j in pairs])
+    values["ssim"] = timed("ssim", original_ssim, *metric_images)
+    timed("images", original_images, images, views.image_size)
+    return stages, values
+
+
+def _metric_inputs(result, views):
+    """The warped PCA image pairs the SSIM of both pipelines compares (HWC NumPy)."""
+    from panoviz_callback.analysis import _metric_images
+
+    big = _metric_images(result.levels["vision_encoder"].pca_images)
+    warped, mask = warp_pairs(big, views, views.pairs)
+    ref = big[[i for i, _ in views.pairs]]
+    hwc = lambda t: t.permute(0, 2, 3, 1).numpy().astype(np.float64)  # noqa: E731
+    return hwc(ref), hwc(warped), mask.numpy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--bg_removal", default="outlier_removal",
+                        choices=("threshold", "remove_first_pc", "outlier_removal", "none"))
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and BLAS in both pipelines (0: the libraries' defaults)")
+    args = parser.parse_args()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
+
+    views = make_views(synthetic_panorama(512), "e2p", image_size=224)
+    print(f"probe: {len(views)} views of {views.image_size} px, {len(views.pairs)} pairs; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; bg_removal={args.bg_removal}")
+    encoder = vit_b16()
+    with torch.no_grad():
+        extract_features(encoder, views.pixels[:1])  # warm-up
+        forwards = []
+        for _ in range(2):
+            start = time.perf_counter()
+            feats = extract_features(encoder, views.pixels)
+            forwards.append(time.perf_counter() - start)
+    forward = min(forwards)
+    tokens = feats.tokens  # (8, 196, 768)
+    print(f"encoder forward (ViT-B/16 SigLIP, random weights, 8 x 224 px, no_grad): {forward:.3f} s "
+          f"-> features {tuple(tokens.shape)}")
+
+    cold, result = run_ours(views, tokens, args.bg_removal)
+    metric_images = _metric_inputs(result, views)
+    run_original(views, tokens, args.bg_removal, feats.grid_hw, metric_images)  # warm-up (imports)
+    ours_runs, orig_runs = defaultdict(list), defaultdict(list)
+    for _ in range(args.repeats):
+        stages, result = run_ours(views, tokens, args.bg_removal)
+        for k, v in stages.items():
+            ours_runs[k].append(v)
+        stages, orig_values = run_original(views, tokens, args.bg_removal, feats.grid_hw, metric_images)
+        for k, v in stages.items():
+            orig_runs[k].append(v)
+    ours = {k: statistics.median(v) for k, v in ours_runs.items()}
+    orig = {k: statistics.median(v) for k, v in orig_runs.items()}
+    ours_total = statistics.median([sum(vals) for vals in zip(*ours_runs.values())])
+    orig_total = statistics.median([sum(vals) for vals in zip(*orig_runs.values())])
+
+    print(f"\n{'stage':<20}{'ours (ms)':>12}{'original (ms)':>16}{'speed-up':>11}")
+    for stage in STAGES:
+        a, b = ours[stage] * 1e3, orig[stage] * 1e3
+        print(f"{stage:<20}{a:>12.1f}{b:>16.1f}{b / max(a, 1e-9):>10.1f}x")
+    print(f"{'TOTAL':<20}{ours_total * 1e3:>12.1f}{orig_total * 1e3:>16.1f}{orig_total / ours_total:>10.1f}x")
+    print(f"\nours, first (cold) call: {sum(cold.values()) * 1e3:.1f} ms (geometry caches empty)")
+    top = max(STAGES, key=lambda s: ours[s])
+    print(f"ours, largest stage: {top} ({ours[top] / ours_total:.0%} of the analysis)")
+    print(f"speed-up ours vs original: {orig_total / ours_total:.1f}x (target >= 10x)")
+    print(f"analysis / encoder forward: {ours_total / forward:.1%} (target < 10%)")
+
+    m = result.levels["vision_encoder"].metrics
+    print("\nsanity (means, ours vs original; overlap differs by design: geometric vs column strips):")
+    for name in ("token_cosine", "hungarian_cosine", "linear_cka", "debiased_cka", "overlap_cosine", "ssim"):
+        print(f"  {name:<18} {m[name].mean:8.4f} {float(np.nanmean(orig_values[name])):8.4f}")
+
+
+if __name__ == "__main__":
+    main()
