@@ -274,7 +274,8 @@ class _Sampler(NamedTuple):
     grid: Tensor  # (V, h, w, 2) normalised for the unpadded ERP
     fix_view: Tensor  # (M,) view of each sample within half a pixel of the seam or a pole
     fix_pix: Tensor  # (M,) its flat pixel position in the view
-    fix_src: Tensor  # (4 * M,) flat ERP indices of its bilinear neighbours
+    fix_y: Tensor  # (4 * M,) ERP rows of its bilinear neighbours
+    fix_x: Tensor  # (4 * M,) ERP columns of its bilinear neighbours
     fix_w: Tensor  # (4, M) bilinear weights
 
 
@@ -302,19 +303,20 @@ def _perspective_sampler(
     fx, fy = px[fix], py[fix]
     x0, y0 = fx.floor(), fy.floor()
     wx, wy = fx - x0, fy - y0
-    src, wts = [], []
+    rows, cols, wts = [], [], []
     for dy in (0, 1):
         for dx in (0, 1):
             yy, xx = (y0 + dy).long(), (x0 + dx).long()
             pole = (yy < 0) | (yy > erp_h - 1)
             xx = torch.where(pole, xx - erp_w // 2, xx).remainder(erp_w)
             yy = yy.clamp(0, erp_h - 1)
-            src.append(yy * erp_w + xx)
+            rows.append(yy)
+            cols.append(xx)
             wts.append((wy if dy else 1 - wy) * (wx if dx else 1 - wx))
     dev = torch.device(device)
     return _Sampler(
-        grid.to(dev, dtype), (fix // (h * w)).to(dev), (fix % (h * w)).to(dev), torch.cat(src).to(dev),
-        torch.stack(wts).to(dev, dtype),
+        grid.to(dev, dtype), (fix // (h * w)).to(dev), (fix % (h * w)).to(dev), torch.cat(rows).to(dev),
+        torch.cat(cols).to(dev), torch.stack(wts).to(dev, dtype),
     )
 
 
@@ -330,7 +332,7 @@ def _sample_perspective(
     out = F.grid_sample(pano.unsqueeze(0).expand(n, -1, -1, -1), smp.grid, mode=mode, padding_mode="border",
                         align_corners=False)  # (V, C', h, w)
     if mode == "bilinear" and smp.fix_pix.numel():
-        taps = pano.reshape(c, -1).index_select(1, smp.fix_src).reshape(c, 4, -1)  # (C', 4, M)
+        taps = pano[:, smp.fix_y, smp.fix_x].reshape(c, 4, -1)  # (C', 4, M); any memory layout
         out.view(n, c, h * w)[smp.fix_view, :, smp.fix_pix] = (taps * smp.fix_w).sum(dim=1).T
     return out
 

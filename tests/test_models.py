@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -294,6 +295,24 @@ class _LossRecorder:
         return Recorder()
 
 
+def _fit(trainer, model, datamodule) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: a second thread only adds waiting on a busy CI machine (10x here)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")  # frozen encoder
+            trainer.fit(model, datamodule)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _quick_trainer(**kwargs):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      accelerator="cpu", **kwargs)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Train the MLP module for 3 short epochs on synthetic panoramas; keep what the tests compare."""
@@ -313,7 +332,7 @@ def trained(tmp_path_factory):
     trainer = pl.Trainer(max_epochs=3, limit_train_batches=4, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
                          callbacks=[recorder], default_root_dir=tmp_path_factory.mktemp("fit"))
-    trainer.fit(model, dm)
+    _fit(trainer, model, dm)
     encoder_modes = {name: m.training for name, m in model.vision_encoder.named_modules()}
     model.eval()
     after = _probe_overlap_cosine(model, probe)
@@ -371,3 +390,57 @@ def test_module_checkpoint_roundtrip(trained):
     with torch.no_grad():
         tokens = resampler(extract_features(encoder.eval(), pixels).tokens)
         assert torch.equal(tokens, model(pixels))
+
+
+def test_module_query_resampler_trainable_blocks_anyres():
+    from panoviz_callback.models import PanoDataModule
+
+    model = _tiny_module(resampler_type="perceiver", num_queries=4, latent_dimension=32, projector_dim=0,
+                         trainable_last_blocks=1, crop_strategy="anyres_e2p")
+    blocks = model.vision_encoder.vision_model.encoder.layers
+    trainable = {n for n, p in model.vision_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("vision_model.encoder.layers.1.") for n in trainable)
+    before = {k: v.clone() for k, v in model.vision_encoder.state_dict().items()}
+    dm = PanoDataModule(num_synthetic=2, image_size=_SIZE, batch_size=2, crop_strategy="anyres_e2p")
+    _fit(_quick_trainer(max_steps=2), model, dm)
+    after = model.vision_encoder.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("vision_model.encoder.layers.1.") for k in changed)
+    model.train()
+    assert blocks[1].training and not blocks[0].training and not model.vision_encoder.training
+    (pairs, corr), = model._geometry.values()
+    assert corr is None  # queries: query k of view i with query k of view j
+    assert len(pairs) == 8 and all(0 not in p for p in pairs)  # the global view takes part in no pair
+    assert model(torch.rand(9, 3, _SIZE, _SIZE)).shape == (9, 4, 32)
+
+
+def test_module_rejects_other_crop_settings():
+    from panoviz_callback.models import PanoDataModule
+
+    model = _tiny_module()
+    dm = PanoDataModule(num_synthetic=2, image_size=_SIZE, crop_strategy="cubemap")
+    with pytest.raises(ValueError, match="give both the same crop settings"):
+        _fit(_quick_trainer(max_steps=1), model, dm)
+
+
+def test_module_exceptions():
+    with pytest.raises(ValueError, match="Argument `resampler_type` must be one of"):
+        _tiny_module(resampler_type="conv")
+    with pytest.raises(ValueError, match="Argument `pairing` must be one of"):
+        _tiny_module(pairing="columns")
+    with pytest.raises(ValueError, match=r"Argument `trainable_last_blocks` must be in \[0, 2\]"):
+        _tiny_module(trainable_last_blocks=3)
+    with pytest.raises(ValueError, match="`out_dim` must equal `in_dim`"):
+        _tiny_module(resampler_type="identity", latent_dimension=32)
+
+
+def test_build_vision_stage_from_foreign_hparams():
+    from panoviz_callback.models import PanoVisionModule
+
+    # PanoLLaVA-style hyper_parameters: extra keys are ignored, missing ones take the defaults
+    hparams = {"vision_name": "tiny", "resampler_type": "mlp", "latent_dimension": 32, "language_model_name": "x",
+               "vision_overrides": {"image_size": _SIZE}}
+    encoder, resampler = PanoVisionModule.build_vision_stage(hparams)
+    assert encoder.config.image_size == _SIZE and not encoder.training
+    assert (resampler.in_dim, resampler.out_dim, resampler.hidden_dim) == (64, 32, 64)
+    assert PanoVisionModule.encoder_attr == "vision_encoder" and PanoVisionModule.resampler_attr == "resampler"

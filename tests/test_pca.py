@@ -143,12 +143,12 @@ def test_fit_pca_subspace_falls_back_to_eigh(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_fit_pca_convention_auto_picks_subspace_for_large_d(monkeypatch: pytest.MonkeyPatch) -> None:
-    small, large = _spectrum_data(200, 64, [3.0, 2.0, 1.0]), _spectrum_data(200, 256, [3.0, 2.0, 1.0])
+    small, large = _spectrum_data(200, 384, [3.0, 2.0, 1.0]), _spectrum_data(200, 512, [3.0, 2.0, 1.0])
     calls = _count_qr(monkeypatch)
     fit_pca(small, 3)
-    assert calls[0] == 0  # D < 256: eigh
+    assert calls[0] == 0  # D < 512: eigh
     fit_pca(large, 3)
-    assert calls[0] > 0  # D >= 256, k small: subspace iteration
+    assert calls[0] > 0  # D >= 512, k small: subspace iteration
 
 
 def test_fit_pca_own_generator_leaves_global_rng_alone() -> None:
@@ -186,7 +186,7 @@ def test_pca_rgb_smoke(device: torch.device, bg_removal: str) -> None:
 
 @pytest.mark.parametrize("bg_removal", MODES)
 def test_pca_rgb_deterministic(bg_removal: str) -> None:
-    feats, _ = _planted_fg(4, 49, 256, 0.6)  # D = 256: the subspace iteration
+    feats, _ = _planted_fg(4, 49, 512, 0.6)  # D = 512: the subspace iteration
     first = pca_rgb(feats, (7, 7), bg_removal=bg_removal)
     second = pca_rgb(feats.clone(), (7, 7), bg_removal=bg_removal)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
