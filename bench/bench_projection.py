@@ -5,7 +5,7 @@ after a warm-up (our sampling grid and py360convert's sampler are both cached af
 call). Prints the median wall-clock time of each, the ratio and the largest pixel difference, and
 the process CPU time (less sensitive to other processes sharing the cores).
 
-    python bench/bench_projection.py [--repeats 20] [--threads N]
+    python bench/bench_projection.py [--repeats 40] [--threads N]
 
 Uses ``../shared/panoramas/*.jpg`` next to the repository when present, else a random panorama.
 """
@@ -37,20 +37,16 @@ def _panorama() -> tuple[torch.Tensor, str]:
     return torch.rand(3, 1024, 2048, generator=torch.Generator().manual_seed(0)), "random 2048x1024"
 
 
-def _median_ms(fn, repeats: int) -> tuple[float, float]:
-    """Median wall-clock and median process CPU time (all threads) of ``fn`` in milliseconds."""
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append((time.perf_counter() - start) * 1e3)
-        cpu.append((time.process_time() - start_cpu) * 1e3)
-    return statistics.median(wall), statistics.median(cpu)
+def _timed(fn) -> tuple[float, float]:
+    """Wall-clock and process CPU time (all threads) of one call, in milliseconds."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    return (time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -71,13 +67,19 @@ def main() -> None:
     cold_ms = (time.perf_counter() - start) * 1e3
     ref = reference()
     ours()
-    ours_ms, ours_cpu = _median_ms(ours, args.repeats)
-    ref_ms, ref_cpu = _median_ms(reference, max(3, args.repeats // 4))
+    # interleaved, so that both see the same load from other processes on the shared cores
+    ours_t, ref_t = [], []
+    for r in range(args.repeats):
+        ours_t.append(_timed(ours))
+        if r % 4 == 0:
+            ref_t.append(_timed(reference))
+    ours_ms, ours_cpu = (statistics.median(t) for t in zip(*ours_t))
+    ref_ms, ref_cpu = (statistics.median(t) for t in zip(*ref_t))
     diff = max(float(np.abs(views[k].permute(1, 2, 0).numpy() - ref[k]).max()) for k in range(8))
     print(f"panorama: {name}, 8 views of 224x224, torch threads: {torch.get_num_threads()}")
     print(f"ours (first call, builds the grid): {cold_ms:8.1f} ms")
     print(f"ours (median of {args.repeats}):          {ours_ms:8.1f} ms  (CPU time {ours_cpu:.1f} ms)")
-    print(f"py360convert.e2p (median):         {ref_ms:8.1f} ms  (CPU time {ref_cpu:.1f} ms)")
+    print(f"py360convert.e2p (median of {len(ref_t)}):  {ref_ms:8.1f} ms  (CPU time {ref_cpu:.1f} ms)")
     print(f"ratio py360convert / ours:         {ref_ms / ours_ms:8.1f}x  (CPU time {ref_cpu / ours_cpu:.1f}x)")
     print(f"max abs pixel difference:          {diff:.2e}")
 

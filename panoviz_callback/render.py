@@ -339,15 +339,16 @@ def pca_figure(
     row_h = inner * views_px[0] / views_px[1]
     pca_h = row_h if res.spatial else min(max(0.8, 0.2 * len(views)), 3.0)
     pano_w, pano_h = 0.0, 0.0
-    if res.spatial:  # the panorama spans the width, cropped to the seen latitudes, at most 4.5 in high
+    if res.spatial:  # the panorama spans the width, cropped to the seen latitudes, at most ~2 view rows high
         top, bottom = _covered_rows(_stitched(result, level, pano_hw, upsample)[1])
         pano_w = inner
         pano_h = pano_w * (bottom - top) / pano_hw[1]
-        if pano_h > 4.5:
-            pano_w, pano_h = pano_w * 4.5 / pano_h, 4.5
+        cap = max(2.5, 1.75 * row_h)
+        if pano_h > cap:
+            pano_w, pano_h = pano_w * cap / pano_h, cap
     # heights from the bottom: margin, panorama, its title, PCA row, gap, views row, view titles, suptitle
-    parts = [_MARGIN_IN, pano_h, 0.3 if res.spatial else 0.0, pca_h, 0.1 if res.spatial else 0.45, row_h,
-             _TITLE_IN, 0.3]
+    parts = [_MARGIN_IN if res.spatial else 0.5, pano_h, 0.3 if res.spatial else 0.0, pca_h, 0.1 if res.spatial
+             else 0.15, row_h, _TITLE_IN, 0.3]
     fig_h = sum(parts)
     fig = Figure(figsize=(width, fig_h))
     bottoms = np.cumsum([0.0, *parts[:-1]])

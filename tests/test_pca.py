@@ -11,12 +11,6 @@ from panoviz_callback.pca import PCAState, fit_pca, pca_rgb
 MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device"))])
-def device(request: pytest.FixtureRequest) -> torch.device:
-    return torch.device(request.param)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

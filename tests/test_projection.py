@@ -60,6 +60,15 @@ def test_cardinality(textured_panorama):
     _assert_close(views[1], erp_to_perspective(1 - pano, [0, 120, 240], [0, 10, 20], (100, 60), (12, 16)))
 
 
+def test_memory_layout(textured_panorama):
+    """A panorama backed by (H, W, C) memory (as from numpy/PIL) gives the same views, seams included."""
+    pano = textured_panorama(32).float()
+    hwc = pano.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # (C, H, W) view of channels-last memory
+    yaws, pitches = [180.0, 0.0, -179.0], [0.0, 89.0, -80.0]
+    expected = erp_to_perspective(pano, yaws, pitches, 90, (16, 16))
+    _assert_close(erp_to_perspective(hwc, yaws, pitches, 90, (16, 16)), expected)
+
+
 @pytest.mark.parametrize(
     ("yaw", "pitch", "fov", "hw"),
     [

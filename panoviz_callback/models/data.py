@@ -116,8 +116,9 @@ class PanoDataModule(pl.LightningDataModule):
         random_yaw: turn every training panorama by a random yaw each epoch.
         shuffle: shuffle the training order each epoch.
         num_val: panoramas held out for validation (the last files of the sorted folder,
-            or synthetic seeds after the training ones), served without rotation; ``0``: no
-            validation.
+            or synthetic seeds after the training ones), served without rotation by
+            ``val_dataloader``; ``0``: no validation (the module then has no ``val_dataloader``,
+            as with ``LightningDataModule.from_datasets``).
         seed: seed of the order and the yaws.
 
     Decoded panoramas are kept in memory (``3 * H * W * 4`` bytes each; use ``max_width``
@@ -157,6 +158,8 @@ class PanoDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_set: _PanoViewDataset | None = None
         self.val_set: _PanoViewDataset | None = None
+        if num_val:  # like LightningDataModule.from_datasets: no method, no validation loop (and no warning)
+            self.val_dataloader = self._val_dataloader
 
     def _sources(self) -> tuple[list[Any], list[Any]]:
         h = self.hparams
@@ -177,8 +180,9 @@ class PanoDataModule(pl.LightningDataModule):
             return
         h = self.hparams
         train, val = self._sources()
-        common = dict(max_width=h.max_width, synthetic_height=h.synthetic_height or 2 * h.image_size, crop_strategy=h.crop_strategy,
-                      image_size=h.image_size, crop_options=dict(h.crop_options or {}), seed=h.seed)
+        common = dict(max_width=h.max_width, synthetic_height=h.synthetic_height or 2 * h.image_size,
+                      crop_strategy=h.crop_strategy, image_size=h.image_size, crop_options=dict(h.crop_options or {}),
+                      seed=h.seed)
         self.train_set = _PanoViewDataset(train, random_yaw=h.random_yaw, **common)
         self.val_set = _PanoViewDataset(val, random_yaw=False, **common) if val else None
         self.num_views = self.train_set[0]["pixels"].shape[0]
@@ -189,9 +193,9 @@ class PanoDataModule(pl.LightningDataModule):
         sampler = _EpochSampler(len(self.train_set), h.shuffle, h.seed)
         return self._loader(self.train_set, sampler)
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Validation batches (no rotation); an empty list when ``num_val == 0``."""
-        return [] if self.val_set is None else self._loader(self.val_set, None)
+    def _val_dataloader(self) -> DataLoader:
+        """Validation batches (no rotation); becomes ``val_dataloader`` when ``num_val > 0``."""
+        return self._loader(self.val_set, None)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
         h = self.hparams

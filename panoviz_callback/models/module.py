@@ -62,7 +62,12 @@ class PanoVisionModule(pl.LightningModule):
         Frozen parts of the encoder are put back in ``eval`` by an override of
         :meth:`train`, so every ``model.train()`` (Lightning calls it at the start of fit
         and after validation) leaves them in ``eval``: dropout and normalisation
-        statistics of a frozen encoder never change, as in PanoLLaVA.
+        statistics of a frozen encoder never change, as in PanoLLaVA. Lightning notes this
+        at the start of fit ("Found N module(s) in eval mode at the start of training");
+        that is the frozen encoder and expected. The token pairs of the loss come from the
+        crop geometry (``crop_strategy``, ``image_size``, ``crop_options``, computed once and
+        cached); ``sliding_window`` windows are snapped on a ``2S x 4S`` panorama, which
+        may differ from the data's snapping by less than one panorama pixel.
 
     Example::
 

@@ -1,0 +1,102 @@
+"""Cost of ``PanoVizCallback``: epoch time of the CPU example with and without it, in one process.
+
+Runs ``examples/train_vicreg.py``'s default setup (synthetic panoramas, tiny SigLIP, MLP
+resampler, TensorBoard logging, ``every_n_epochs=1``) alternately without and with the
+callback (A B A B ...), drops each run's first epoch (warm-up), and prints the median
+epoch time of both, their ratio, and the median time of one firing (the probe forward,
+the analysis, the images and the TensorBoard writes) relative to an epoch without it.
+The target is an overhead of at most 5 %. Timings are noisy on a shared machine; the
+firing/epoch ratio is the steadier of the two numbers.
+
+Usage::
+
+    python bench/bench_callback.py [--epochs 5] [--rounds 2] [example flags ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import Callback, seed_everything
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_vicreg.py"
+
+
+class _EpochTimer(Callback):
+    """Wall time of every training epoch, firing included (it runs after the callbacks listed before it)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _example() -> Any:
+    spec = importlib.util.spec_from_file_location("_train_vicreg", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(example: Any, flags: list[str], with_callback: bool, root: str) -> tuple[list[float], list[float]]:
+    """``(epoch times, firing times)`` of one training run, warm-up epoch dropped."""
+    args = example.build_parser().parse_args([*flags, "--default_root_dir", root,
+                                              *([] if with_callback else ["--no_callback"])])
+    seed_everything(args.seed, verbose=False)
+    model, data, trainer, handles = example.build(args)
+    timer = _EpochTimer()
+    trainer.callbacks.insert(len(trainer.callbacks) - 1, timer)  # after PanoVizCallback, before ModelCheckpoint
+    trainer.progress_bar_callback and setattr(trainer.progress_bar_callback, "_refresh_rate", 0)
+    firings: list[float] = []
+    cb = handles.get("panoviz")
+    if cb is not None:
+        fire = cb._fire
+
+        def timed_fire(*a: Any) -> None:
+            start = time.perf_counter()
+            fire(*a)
+            firings.append(time.perf_counter() - start)
+
+        cb._fire = timed_fire
+    trainer.fit(model, datamodule=data)
+    return timer.times[1:], firings[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per run (the first one is dropped)")
+    parser.add_argument("--rounds", type=int, default=2, help="A/B pairs of runs")
+    args, flags = parser.parse_known_args(argv)
+    flags = ["--accelerator", "cpu", "--devices", "1", "--max_epochs", str(args.epochs), *flags]
+    example = _example()
+    without: list[float] = []
+    with_cb: list[float] = []
+    firings: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            without += _run(example, flags, False, f"{tmp}/a{r}")[0]
+            epochs, fire = _run(example, flags, True, f"{tmp}/b{r}")
+            with_cb += epochs
+            firings += fire
+    base, timed, fire = statistics.median(without), statistics.median(with_cb), statistics.median(firings)
+    print(f"epoch without callback: {base:.3f} s (median of {len(without)})")
+    print(f"epoch with callback:    {timed:.3f} s (median of {len(with_cb)})")
+    print(f"ratio with/without:     {timed / base:.3f}  (overhead {100 * (timed / base - 1):+.1f} %)")
+    print(f"one firing:             {fire:.3f} s = {100 * fire / base:.1f} % of an epoch without it (target <= 5 %)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
