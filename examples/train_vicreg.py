@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="folder of panoramas (default: synthetic panoramas)")
-    p.add_argument("--num_synthetic", type=int, default=8, help="synthetic training panoramas")
+    p.add_argument("--num_synthetic", type=int, default=48, help="synthetic training panoramas")
+    p.add_argument("--synthetic_height", type=int, default=128, help="height of the synthetic panoramas")
     p.add_argument("--probe", default=None, help="probe panorama for the callback (default: the built-in one)")
-    p.add_argument("--max_epochs", type=int, default=8)
+    p.add_argument("--max_epochs", type=int, default=4)
     p.add_argument("--default_root_dir", default="runs/vicreg")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--accelerator", default="auto")
@@ -82,6 +83,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     model = PanoVisionModule(vision_name=args.vision_name, vision_overrides=overrides,
                              resampler_type=args.resampler, lr=args.lr, **crop)
     data = PanoDataModule(data_dir=args.data, num_synthetic=args.num_synthetic, batch_size=args.batch_size,
+                          synthetic_height=args.synthetic_height,
                           num_workers=args.num_workers, seed=args.seed, **crop)
     handles: dict[str, Any] = {"tensorboard": TensorBoardLogger(root, name="tensorboard"),
                                "checkpoint": ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)}

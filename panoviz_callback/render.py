@@ -87,7 +87,9 @@ def display_order(views: Any) -> list[int]:
     ]
 
 
-def upsample_pca(images: Tensor, size: int | tuple[int, int], mode: Literal["nearest", "bilinear"] = "nearest") -> Tensor:
+def upsample_pca(
+    images: Tensor, size: int | tuple[int, int], mode: Literal["nearest", "bilinear"] = "nearest"
+) -> Tensor:
     """Resize ``(V, 3, gh, gw)`` PCA images to the view size.
 
     ``nearest`` keeps every token a visible block; ``bilinear`` smooths (``align_corners=False``,
@@ -156,7 +158,8 @@ def pca_grid_image(
 
     Grid layouts: a row aligned with :func:`views_grid_image` (stacked under it with
     ``with_views=True``). Query layouts: a ``V x Q`` matrix, one row of query colours
-    per view in display order, each cell a square block.
+    per view in display order, each cell a square block (``with_views`` is ignored: the
+    rows do not align with the views).
     """
     _check_choice(upsample, _UPSAMPLE, "upsample")
     out = _pca_row(result, level, upsample)

@@ -24,10 +24,10 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -268,7 +268,6 @@ class ImageResult:
     scalars: dict[str, float] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     error: str | None = None
-    seconds: float = 0.0
 
 
 class Runner:
@@ -306,28 +305,54 @@ class Runner:
         self._initial_states = dict(self.analyzer.pca_states)
 
     def run(self, sources: Sequence[ImageSource]) -> list[ImageResult]:
-        """Analyse every source; failures are reported through ``log`` and skipped."""
+        """Analyse every source; failures are reported through ``log`` and skipped.
+
+        Two-stage pipeline: the figures and reports of one panorama are written by a
+        background thread while the next panorama is analysed (``render`` uses matplotlib's
+        object-oriented API only, and only that thread draws).
+        """
         from tqdm.auto import tqdm
 
         several = len(sources) > 1
-        results = []
+        results: list[ImageResult] = []
         bar = tqdm(sources, desc="panoviz", unit="image", disable=None if self.progress is None else not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
-        for source in bar:
-            out = self.output_dir / source.stem if several else self.output_dir
-            result = ImageResult(source=source, out_dir=out)
-            start = time.perf_counter()
+        pending: tuple[ImageResult, Future] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="panoviz-writer") as writer:
             try:
-                result.files, result.scalars, result.skipped = self._one(source, out)
-            except Exception as err:  # noqa: BLE001 - one bad image must not stop the others
-                result.error = _one_line(err)
-                if self.debug:
-                    tqdm.write(traceback.format_exc().rstrip(), file=sys.stderr)
-                self._log(bar, f"error: {source.label}: {result.error} (skipped)")
-            result.seconds = time.perf_counter() - start
-            results.append(result)
-        bar.close()
+                for source in bar:
+                    result = ImageResult(source=source, out_dir=self.output_dir / source.stem if several
+                                         else self.output_dir)
+                    results.append(result)
+                    try:
+                        analysis = self._analyse(source)
+                    except Exception as err:  # noqa: BLE001 - one bad image must not stop the others
+                        self._fail(bar, result, err)
+                        analysis = None
+                    if pending is not None:
+                        self._finish(bar, *pending)
+                        pending = None
+                    if analysis is not None:
+                        result.scalars, result.skipped = _summaries(analysis)
+                        pending = result, writer.submit(self._write, analysis, result.out_dir, source)
+                if pending is not None:
+                    self._finish(bar, *pending)
+            finally:
+                bar.close()
         return results
+
+    def _finish(self, bar: Any, result: ImageResult, future: Future) -> None:
+        try:
+            result.files = future.result()
+        except Exception as err:  # noqa: BLE001 - a failed write fails this image only
+            result.scalars, result.skipped = None, {}
+            self._fail(bar, result, err)
+
+    def _fail(self, bar: Any, result: ImageResult, err: Exception) -> None:
+        result.error = _one_line(err)
+        if self.debug:
+            self._log(bar, "".join(traceback.format_exception(err)).rstrip())
+        self._log(bar, f"error: {result.source.label}: {result.error} (skipped)")
 
     def _log(self, bar: Any, message: str) -> None:
         if getattr(bar, "disable", True):
@@ -335,7 +360,7 @@ class Runner:
         else:
             bar.write(f"panoviz: {message}", file=sys.stderr)
 
-    def _one(self, source: ImageSource, out: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, str]]:
+    def _analyse(self, source: ImageSource) -> Any:
         from panoviz_callback.views import make_views
 
         pano = self._load(source)
@@ -347,9 +372,7 @@ class Runner:
         for level, res in result.levels.items():
             if not torch.isfinite(res.features.tokens).all():
                 raise FloatingPointError(f"the {level} features contain NaN or Inf values")
-        skipped = {name: m.skipped for res in result.levels.values() for name, m in res.metrics.items()
-                   if m.skipped is not None}
-        return self._write(result, out, source), result.scalars(), skipped
+        return result
 
     def _load(self, source: ImageSource) -> Tensor:
         from panoviz_callback.panorama import load_panorama, synthetic_panorama
@@ -449,6 +472,13 @@ def format_summary(results: Sequence[ImageResult]) -> str:
         lines.append("  " + m.ljust(width) + "".join(cells))
     lines += [f"Skipped {m}: {why}" for m, why in skipped.items() if not any(k[1] == m for k in values)]
     return "\n".join(lines)
+
+
+def _summaries(result: Any) -> tuple[dict[str, float], dict[str, str]]:
+    """The mean metrics and the skipped metrics (with their reasons) of an analysis."""
+    skipped = {name: m.skipped for res in result.levels.values() for name, m in res.metrics.items()
+               if m.skipped is not None}
+    return result.scalars(), skipped
 
 
 def _one_line(err: BaseException) -> str:

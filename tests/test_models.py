@@ -18,7 +18,8 @@ from panoviz_callback.models.vicreg import vicreg_terms
 # ---------------------------------------------------------------------------------------------- resamplers
 @pytest.mark.parametrize(
     ("kind", "out_dim", "expected_n", "layout"),
-    [("identity", 32, 12, "grid"), ("mlp", 24, 12, "grid"), ("qformer", 24, 5, "queries"), ("perceiver", 24, 5, "queries")],
+    [("identity", 32, 12, "grid"), ("mlp", 24, 12, "grid"), ("qformer", 24, 5, "queries"),
+     ("perceiver", 24, 5, "queries")],
 )
 def test_resampler_cardinality(kind, out_dim, expected_n, layout):
     torch.manual_seed(0)
@@ -223,9 +224,9 @@ def test_data_module_synthetic_cardinality_and_reproducibility():
     loader = dm.train_dataloader()
     first, second = (torch.cat([b["pixels"] for b in loader]) for _ in range(2))
     assert not torch.equal(first, second)
-    dm2 = PanoDataModule(num_synthetic=3, image_size=32, batch_size=2, num_val=1, seed=5)
+    dm2 = PanoDataModule(num_synthetic=3, image_size=32, batch_size=2, num_val=1, seed=5, num_workers=2)
     dm2.setup("fit")
-    assert torch.equal(torch.cat([b["pixels"] for b in dm2.train_dataloader()]), first)
+    assert torch.equal(torch.cat([b["pixels"] for b in dm2.train_dataloader()]), first)  # workers: same data
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     assert is_overridden("val_dataloader", dm)
@@ -301,7 +302,9 @@ def _fit(trainer, model, datamodule) -> None:
     torch.set_num_threads(1)  # tiny tensors: a second thread only adds waiting on a busy CI machine (10x here)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")  # frozen encoder
+            # the frozen encoder is in eval on purpose (PanoVisionModule's Convention)
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+            warnings.filterwarnings("ignore", message=r".*`validation_step` but have no `val_dataloader`")
             trainer.fit(model, datamodule)
     finally:
         torch.set_num_threads(threads)

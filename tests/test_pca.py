@@ -156,7 +156,8 @@ def test_fit_pca_own_generator_leaves_global_rng_alone() -> None:
     assert torch.equal(before, torch.get_rng_state())
     state = torch.get_rng_state()
     fit_pca(x, 3, method="subspace")
-    pca_rgb(x.reshape(2, 100, 256), (10, 10), bg_removal="outlier_removal")
+    for bg_removal in MODES:
+        pca_rgb(x.reshape(2, 100, 256), (10, 10), bg_removal=bg_removal)
     assert torch.equal(state, torch.get_rng_state())
     for u, w in zip(a, b):
         assert torch.equal(u, w)

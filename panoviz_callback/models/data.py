@@ -6,7 +6,7 @@ batches stack to ``(B, V, 3, S, S)``.
 
 Randomness never comes from the global generators: the sampler draws the order and
 hands each item its epoch, and the yaw of item ``i`` in epoch ``e`` comes from a NumPy
-generator seeded with ``(seed, e, i)``, so a run is reproducible with any
+generator seeded with ``(seed, e, i)`` (and a tag), so a run is reproducible with any
 ``num_workers`` and the global torch/NumPy/Python random states are not consumed (the
 loaders get their own ``torch.Generator`` as well).
 """
@@ -28,6 +28,7 @@ from panoviz_callback._checks import _check_range
 __all__ = ["IMAGE_SUFFIXES", "PanoDataModule"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
+_YAW, _ORDER = 0, 1  # stream tags: yaws and orders never share a seed
 
 
 class _PanoViewDataset(Dataset):
@@ -65,7 +66,7 @@ class _PanoViewDataset(Dataset):
         index, epoch = (item, None) if isinstance(item, int) else item
         pano = self.panorama(index)
         if self.random_yaw and epoch is not None:
-            shift = int(np.random.default_rng([self.seed, epoch, index]).integers(pano.shape[-1]))
+            shift = int(np.random.default_rng([self.seed, _YAW, epoch, index]).integers(pano.shape[-1]))
             pano = torch.roll(pano, shifts=shift, dims=-1)  # (3, H, W), scene turned by shift / W * 360 deg
         views = make_views(pano, self.crop_strategy, self.image_size, **self.crop_options)
         return {"pixels": views.pixels, "index": index}
@@ -91,7 +92,7 @@ class _EpochSampler(Sampler):
         epoch = self.epoch
         self.epoch += 1
         if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch, 1]).permutation(self.size).tolist()
+            order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(self.size).tolist()
         else:
             order = range(self.size)
         return iter([(int(i), epoch) for i in order])
@@ -150,11 +151,14 @@ class PanoDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if data_dir is not None and not Path(data_dir).is_dir():
-            raise ValueError(f"Argument `data_dir` must be a folder of panoramas, got {str(data_dir)!r} (not a folder).")
+            raise ValueError(
+                f"Argument `data_dir` must be a folder of panoramas, got {str(data_dir)!r} (not a folder)."
+            )
         _check_range(num_synthetic, "num_synthetic", 1)
         _check_range(batch_size, "batch_size", 1)
         _check_range(num_workers, "num_workers", 0)
         _check_range(num_val, "num_val", 0)
+        _check_range(seed, "seed", 0)
         self.save_hyperparameters()
         self.train_set: _PanoViewDataset | None = None
         self.val_set: _PanoViewDataset | None = None

@@ -139,13 +139,15 @@ class PanoVisionModule(pl.LightningModule):
         Example::
 
             >>> ckpt = torch.load("last.ckpt", weights_only=True)  # doctest: +SKIP
-            >>> enc, res = PanoVisionModule.build_vision_stage(ckpt["hyper_parameters"], pretrained=False)  # doctest: +SKIP
-            >>> sd = ckpt["state_dict"]  # doctest: +SKIP
-            >>> enc.load_state_dict({k[15:]: v for k, v in sd.items() if k.startswith("vision_encoder.")})  # doctest: +SKIP
+            >>> hp, sd = ckpt["hyper_parameters"], ckpt["state_dict"]  # doctest: +SKIP
+            >>> enc, res = PanoVisionModule.build_vision_stage(hp, pretrained=False)  # doctest: +SKIP
+            >>> pre = "vision_encoder."  # doctest: +SKIP
+            >>> enc.load_state_dict({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})  # doctest: +SKIP
         """
         from panoviz_callback.features import load_vision_encoder
 
         h = {**_DEFAULTS, **{k: v for k, v in dict(hparams).items() if k in _DEFAULTS}}
+        _check_choice(h["resampler_type"], RESAMPLER_KINDS, "resampler_type")
         encoder = load_vision_encoder(h["vision_name"], pretrained=pretrained, **(h["vision_overrides"] or {}))
         in_dim = _encoder_hidden_size(encoder)
         resampler = build_resampler(
@@ -163,7 +165,8 @@ class PanoVisionModule(pl.LightningModule):
             blocks = _encoder_blocks(self.vision_encoder)
             if last_blocks > len(blocks):
                 raise ValueError(
-                    f"Argument `trainable_last_blocks` must be in [0, {len(blocks)}] for this encoder, got {last_blocks}."
+                    f"Argument `trainable_last_blocks` must be in [0, {len(blocks)}] for this encoder, "
+                    f"got {last_blocks}."
                 )
             self._trainable_blocks = list(blocks[-last_blocks:])
             for block in self._trainable_blocks:
@@ -237,7 +240,7 @@ class PanoVisionModule(pl.LightningModule):
         return torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
 
     # ------------------------------------------------------------------ geometry
-    def make_views_geometry(self):
+    def _views_geometry(self) -> Any:
         """The :class:`~panoviz_callback.views.ViewSet` of this module's crop settings (black pixels)."""
         from panoviz_callback.views import make_views
 
@@ -249,7 +252,7 @@ class PanoVisionModule(pl.LightningModule):
         grid_hw = self._grid_hw if self.resampler.output_layout == "grid" else None
         key = (num_views, grid_hw, str(device))
         if key not in self._geometry:
-            views = self.make_views_geometry()
+            views = self._views_geometry()
             if len(views) != num_views:
                 raise ValueError(
                     f"The batch holds {num_views} views per panorama but crop_strategy="
@@ -259,7 +262,8 @@ class PanoVisionModule(pl.LightningModule):
             pairs = [tuple(p) for p in views.pairs]
             corr = None
             if grid_hw is not None:
-                corr = {p: (a.to(device), b.to(device)) for p, (a, b) in self.vicreg.correspondences(views, grid_hw).items()}
+                pairs_idx = self.vicreg.correspondences(views, grid_hw)
+                corr = {p: (a.to(device), b.to(device)) for p, (a, b) in pairs_idx.items()}
             self._geometry[key] = (pairs, corr)
         return self._geometry[key]
 
@@ -302,8 +306,8 @@ def _encoder_hidden_size(encoder: nn.Module) -> int:
     size = getattr(_vision_config(encoder), "hidden_size", None)
     if size is None:
         raise ValueError(
-            "Cannot read the encoder's hidden size from its config; give `latent_dimension` and an encoder "
-            "with `config.hidden_size`."
+            f"Cannot read the hidden size of {type(encoder).__name__} (`config.hidden_size`); PanoVisionModule "
+            "needs a transformers vision model (a preset, a local folder or a cached hub name)."
         )
     return int(size)
 

@@ -25,7 +25,9 @@ load under the prefix ``model.resampler_module.resampler.`` stripped)::
     (mlp.5              GELU)
     mlp.6.weight/bias   Linear(hidden, out_dim)
 
-with ``hidden = max(in_dim, out_dim)`` and ``depth = 3`` Linear layers.
+with ``hidden = max(in_dim, out_dim)`` and ``depth = 3`` Linear layers. Only the MLP
+follows PanoLLaVA's layout; the query resamplers here are this package's own (PanoLLaVA's
+BERT-based Q-Former weights do not load into them).
 """
 
 from __future__ import annotations

@@ -114,8 +114,10 @@ class VICRegOverlapLoss(nn.Module):
         gamma: target standard deviation per feature.
         eps: numerical floor of the variance.
         pairing: ``"geometric"`` (token pairs that see the same scene point) or ``"strip"``
-            (the original column strips). The loss itself takes the pairs it is given;
-            :meth:`correspondences` computes them for a view set according to ``pairing``.
+            (the original column strips, meant for one row of yaw-tiled views: ``e2p``,
+            ``sliding_window``, ``anyres_e2p`` with one pitch row). The loss itself takes the
+            pairs it is given; :meth:`correspondences` computes them for a view set
+            according to ``pairing``.
 
     Example:
         >>> loss_fn = VICRegOverlapLoss()
