@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="folder of panoramas (default: synthetic panoramas)")
-    p.add_argument("--num_synthetic", type=int, default=48, help="synthetic training panoramas")
+    p.add_argument("--num_synthetic", type=int, default=64, help="synthetic training panoramas")
     p.add_argument("--synthetic_height", type=int, default=128, help="height of the synthetic panoramas")
     p.add_argument("--probe", default=None, help="probe panorama for the callback (default: the built-in one)")
     p.add_argument("--max_epochs", type=int, default=4)

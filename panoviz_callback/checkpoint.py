@@ -300,7 +300,7 @@ def describe_model(
     step = ckpt.get("global_step")
     common = {"geometry": geometry, "callback": state, "global_step": int(step) if isinstance(step, int) else None}
 
-    class_path = module or _find_key(config, ("class_path", "module"))
+    class_path = module or _config_class(config)
     if class_path is None and state is not None and state.get("module_class"):
         class_path = state["module_class"]
         try:
@@ -530,13 +530,12 @@ def _build_panollava(spec: ModelSpec, state_dict: Mapping[str, Any], log: Log) -
     linears = sorted((int(m.group(1)), weights[k].shape) for k in weights
                      if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)) and weights[k].dim() == 2)
     out_dim = h.get("latent_dimension")
-    if linears:
+    if linears:  # depth and width as trained (PanoLLaVA versions differ), output size as configured
         if out_dim is None:
             out_dim = int(linears[-1][1][0])
             log(f"note: `latent_dimension` not given; using {out_dim} from the resampler's weights")
         hidden = int(linears[0][1][0]) if len(linears) > 1 else None
-        if hidden not in (None, max(in_dim, int(out_dim))) or len(linears) != 3:
-            return encoder, MLPResampler(in_dim, int(out_dim), hidden_dim=hidden, depth=len(linears))
+        return encoder, MLPResampler(in_dim, int(out_dim), hidden_dim=hidden, depth=len(linears))
     if out_dim is None:
         raise ModelSpecError("the model cannot be rebuilt: `latent_dimension` is missing and the checkpoint holds no "
                              "resampler weights to read it from; add `latent_dimension: N` to --config")
@@ -605,8 +604,19 @@ def _plain_dict(value: Any) -> dict[str, Any]:
     return {str(k): v for k, v in value.items()} if isinstance(value, Mapping) else {}
 
 
+def _config_model(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The LightningCLI ``model:`` section (``class_path`` / ``init_args``) or the config itself."""
+    section = config.get("model")
+    return section if isinstance(section, Mapping) and "class_path" in section else config
+
+
+def _config_class(config: Mapping[str, Any]) -> Any:
+    section = _config_model(config)
+    return section.get("class_path") if section is not config else config.get("class_path", config.get("module"))
+
+
 def _config_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
-    out = _plain_dict(_find_key(config, ("init_args",)))
+    out = _plain_dict(_config_model(config).get("init_args"))
     for name in ("vision_name", "resampler_type", "latent_dimension", "resampler_depth", "vision_overrides"):
         value = _find_key(config, (name,))
         if value is not None:

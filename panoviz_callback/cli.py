@@ -37,6 +37,7 @@ __all__ = ["main"]
 _STRATEGIES = ("e2p", "anyres_e2p", "cubemap", "sliding_window")
 _BG_MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")
 _DEFAULT_ROOT = Path("results") / "trained_viz"
+_AGREEMENT_TOL = 1e-4
 
 
 class _UsageExit(Exception):
@@ -175,7 +176,6 @@ def _run(args: argparse.Namespace) -> int:
     name = ck.checkpoint_name(args.checkpoint)
     output_dir = Path(args.output_dir) if args.output_dir else _DEFAULT_ROOT / name
     rn.check_output_dir(output_dir)
-    device = rn.resolve_device(args.device, _err)
 
     ckpt = ck.read_checkpoint(args.checkpoint, _err)
     config = ck.load_config(args.config) if args.config else None
@@ -188,6 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     plan = rn.plan_run(options, spec.callback, spec.geometry)
     if sources is None:
         sources = [rn.callback_probe(spec.callback)]
+    device = rn.resolve_device(args.device, _err)
 
     model = ck.build_model(spec, ckpt, strict=args.strict, device=device, log=_err)
     del ckpt
@@ -206,7 +207,12 @@ def _run(args: argparse.Namespace) -> int:
         agreement = rn.live_agreement(probe[0].scalars or {}, spec.callback, spec.global_step)
         if agreement is not None:
             count, diff = agreement
-            print(f"Live analysis at step {spec.global_step}: {count} values reproduced, max |difference| {diff:.2e}")
+            if diff <= _AGREEMENT_TOL:
+                print(f"Live analysis at step {spec.global_step}: {count} values reproduced, max |difference| "
+                      f"{diff:.2e}")
+            else:
+                _err(f"warning: the metrics differ from those logged live at step {spec.global_step} by up to "
+                     f"{diff:.2e} (another device or library version?)")
     return 0 if all(r.error is None for r in results) else 1
 
 
