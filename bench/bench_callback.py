@@ -2,15 +2,18 @@
 
 Runs ``examples/train_vicreg.py``'s default setup (synthetic panoramas, tiny SigLIP, MLP
 resampler, TensorBoard logging, ``every_n_epochs=1``) alternately without and with the
-callback (A B A B ...), drops each run's first epoch (warm-up), and prints the median
-epoch time of both, their ratio, and the median time of one firing (the probe forward,
-the analysis, the images and the TensorBoard writes) relative to an epoch without it.
-The target is an overhead of at most 5 %. Timings are noisy on a shared machine; the
-firing/epoch ratio is the steadier of the two numbers.
+callback (A B A B ...), drops each run's first epoch (warm-up, it also renders the
+synthetic panoramas), and prints, in wall-clock and in process CPU time, the median epoch
+time of both, their ratio, and the median time of one firing (the probe forward, the
+analysis, the images and the TensorBoard writes) relative to an epoch without it. The
+target is an overhead of at most 5 %. Timings are noisy on a shared machine; the
+firing/epoch ratio in CPU time is the steadiest number. On an oversubscribed machine
+torch's default of one thread per core makes every small op wait for a busy core;
+``--threads 1`` shows the cost without that effect.
 
 Usage::
 
-    python bench/bench_callback.py [--epochs 5] [--rounds 2] [example flags ...]
+    python bench/bench_callback.py [--epochs 4] [--rounds 2] [--threads N] [example flags ...]
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def _run(example: Any, flags: list[str], with_callback: bool, root: str) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per run (the first one is dropped)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first one is dropped)")
     parser.add_argument("--rounds", type=int, default=2, help="A/B pairs of runs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args, flags = parser.parse_known_args(argv)

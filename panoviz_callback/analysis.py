@@ -426,23 +426,37 @@ class Analyzer:
         overlaps = [len(c[0]) > 0 for c in corr] if corr is not None else []
         no_overlap_reason = _NO_POSITION if grid is None else _NO_OVERLAP
 
+        # shared per-view work, computed once by the first stage that needs it (and timed there)
+        shared: dict[str, Tensor] = {}
+
+        def units() -> Tensor:
+            if "units" not in shared:
+                shared["units"] = _m._unit(tokens)  # (V, N, D)
+            return shared["units"]
+
+        def grams() -> Tensor:
+            if "grams" not in shared:
+                shared["grams"] = _m._cka_grams(tokens)  # (V, N, N)
+            return shared["grams"]
+
         if "token_cosine" in wanted:
             with timer(f"{name}/token_cosine"):
-                values = _m.token_cosine(tokens[idx_i], tokens[idx_j]).tolist()
+                values = _m._token_cosine_views(units(), idx_i, idx_j).tolist()
             out["token_cosine"] = MetricResult.from_values(values, "no finite value")
         if "overlap_cosine" in wanted:
             if corr is None or not any(overlaps):
                 out["overlap_cosine"] = MetricResult(skipped=no_overlap_reason)
             else:
                 with timer(f"{name}/overlap_cosine"):
-                    values = _m.overlap_cosine_pairs(grid_tokens[idx_i], grid_tokens[idx_j],
-                                                     [c[0] for c in corr], [c[1] for c in corr]).tolist()
+                    prefix = tokens.shape[1] - grid_tokens.shape[1]
+                    values = _m._overlap_cosine_views(units()[:, prefix:], idx_i, idx_j, [c[0] for c in corr],
+                                                      [c[1] for c in corr]).tolist()
                 out["overlap_cosine"] = MetricResult.from_values(values, no_overlap_reason)
         if "hungarian_cosine" in wanted or "hungarian_accuracy" in wanted:
             with timer(f"{name}/hungarian_cosine"):
-                matched = [_m.hungarian_cosine(tokens[i], tokens[j]) for i, j in pairs]
+                cos, assignments = _m._hungarian_views(units(), idx_i, idx_j)
             if "hungarian_cosine" in wanted:
-                out["hungarian_cosine"] = MetricResult.from_values([float(c) for c, _ in matched], "no finite value")
+                out["hungarian_cosine"] = MetricResult.from_values(cos.tolist(), "no finite value")
             if "hungarian_accuracy" in wanted:
                 if corr is None or not any(overlaps) or tokens.shape[1] != grid_tokens.shape[1]:
                     reason = no_overlap_reason if corr is None or not any(overlaps) else (
@@ -451,13 +465,24 @@ class Analyzer:
                 else:
                     with timer(f"{name}/hungarian_accuracy"):
                         values = [_m.hungarian_accuracy(cols, ci, cj, grid) if ok else math.nan
-                                  for (_, cols), (ci, cj), ok in zip(matched, corr, overlaps)]
+                                  for cols, (ci, cj), ok in zip(assignments, corr, overlaps)]
                     out["hungarian_accuracy"] = MetricResult.from_values(values, no_overlap_reason)
-        for metric, fn in (("linear_cka", _m.linear_cka), ("debiased_cka", _m.debiased_cka)):
-            if metric in wanted:
-                with timer(f"{name}/{metric}"):
-                    values = [float(fn(tokens[i], tokens[j])) for i, j in pairs]
-                out[metric] = MetricResult.from_values(values, "no finite value")
+        # CKA: centred Gram matrices once per view (shared by both), unless only the linear CKA
+        # is wanted and the feature form is cheaper (N >= D)
+        gram_form = "debiased_cka" in wanted or tokens.shape[1] < tokens.shape[2]
+        if "linear_cka" in wanted:
+            with timer(f"{name}/linear_cka"):
+                if gram_form:
+                    values = _m._linear_cka_views(grams(), idx_i, idx_j).tolist()
+                else:
+                    values = _m._linear_cka_features(tokens, idx_i, idx_j).tolist()
+            out["linear_cka"] = MetricResult.from_values(values, "no finite value")
+        if "debiased_cka" in wanted:
+            if tokens.shape[1] <= 3:
+                raise ValueError(f"Expected more than 3 samples for `debiased_cka`, got N={tokens.shape[1]}.")
+            with timer(f"{name}/debiased_cka"):
+                values = _m._debiased_cka_views(grams(), idx_i, idx_j).tolist()
+            out["debiased_cka"] = MetricResult.from_values(values, "no finite value")
         if any(m in wanted for m in _IMAGE_METRICS):
             out.update(self._image_metrics(name, images, views, pairs, idx_i, corr, overlaps, no_overlap_reason,
                                            timer))

@@ -188,6 +188,7 @@ class PanoVizCallback(Callback):
         self._views: Any = None  # the probe's ViewSet on the CPU, cut in setup
         self._device_views: Any = None  # the views on the module's device, made at the first firing of a fit
         self._module_class: str | None = None
+        self._precision: str | None = None
         self._paths: dict[str, str | None] = {"encoder": None, "resampler": None}
         self._last_step: int | None = None
         self._views_logged = False
@@ -206,6 +207,7 @@ class PanoVizCallback(Callback):
             return
         cls = type(pl_module)
         self._module_class = f"{cls.__module__}:{cls.__qualname__}"
+        self._precision = str(trainer.precision)
         if self._views is None:
             self._views = self._cut_probe()
         if not trainer.loggers and self.save_dir is None:
@@ -216,7 +218,7 @@ class PanoVizCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._views_logged = False
         self._last_step = None
-        self._guarded(trainer, lambda: self._resolve_modules(pl_module))
+        self._guarded(lambda: self._resolve_modules(pl_module))
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -243,14 +245,30 @@ class PanoVizCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue after a resume and to reproduce the analysis offline.
 
-        Only tensors and plain Python types (``torch.load(weights_only=True)`` reads it).
+        Only tensors and plain Python types (``torch.load(weights_only=True)`` reads it); in a
+        checkpoint it sits under ``checkpoint["callbacks"][callback.state_key]`` (a key that starts
+        with ``"PanoVizCallback"``). Keys:
+
+        - ``version``: 1.
+        - ``module_class``: ``"package.module:ClassName"`` of the LightningModule (``__main__:...``
+          when it was defined in the training script).
+        - ``encoder_path`` / ``resampler_path``: the resolved attribute paths (None for callables,
+          or no resampler).
+        - ``precision``: the trainer's precision the live forward ran under (e.g. ``"bf16-mixed"``).
+        - ``probe``: ``{"kind": "synthetic", "height", "seed"}``, ``{"kind": "path", "path",
+          "max_width"}`` or ``{"kind": "tensor", "pixels": (3, H, W) uint8}``.
+        - ``settings``: crop (``crop_strategy``, ``image_size``, resolved ``crop_options``), the
+          analysis settings of :meth:`Analyzer.settings` and the schedule.
+        - ``pca_states``: ``{level: PCAState.state_dict()}`` after the last firing.
+        - ``history``: ``[{"step", "epoch", "scalars": {"level/metric": value}}]``, one per firing.
         """
         return {
             "version": _STATE_VERSION,
             "module_class": self._module_class,
             "encoder_path": self._paths["encoder"],
             "resampler_path": self._paths["resampler"],
-            "probe": self._probe_state(),
+            "precision": self._precision,
+            "probe": None if self._probe_spec is None else dict(self._probe_spec),
             "settings": self._settings(),
             "pca_states": self._analyzer.state_dict()["pca_states"],
             "history": [{**h, "scalars": dict(h["scalars"])} for h in self.history],
@@ -274,17 +292,19 @@ class PanoVizCallback(Callback):
 
     def _fire(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if step == self._last_step:  # the step and epoch schedules met, or gradient accumulation
+        if self._views is None or step == self._last_step:  # not set up for fit; or both schedules met
             return
         self._last_step = step
         if trainer.is_global_zero or _is_sharded(trainer.strategy):
-            self._guarded(trainer, lambda: self._run(trainer, pl_module), step)
+            self._guarded(lambda: self._run(trainer, pl_module), step)
 
-    def _guarded(self, trainer: pl.Trainer, fn: Callable[[], None], step: int | None = None) -> None:
+    def _guarded(self, fn: Callable[[], None], step: int | None = None) -> None:
         """Run ``fn``; report an exception once per reason (or re-raise it with ``strict``)."""
         try:
             fn()
         except Exception as err:
+            if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_initialized():
+                torch.cuda.empty_cache()
             if self.strict:
                 raise
             _log.debug("PanoVizCallback failure", exc_info=True)
@@ -300,13 +320,14 @@ class PanoVizCallback(Callback):
         encoder, resampler = self._resolve_modules(pl_module)
         views = self._views_for(pl_module, trainer.precision_plugin)
         with preserved_rng():
-            with preserved_modes(pl_module, encoder, resampler), torch.no_grad(), \
-                    trainer.precision_plugin.forward_context():
+            with (preserved_modes(pl_module, encoder, resampler), torch.no_grad(),
+                  trainer.precision_plugin.forward_context()):
                 for module in (pl_module, encoder, resampler):
                     if isinstance(module, nn.Module):
                         module.eval()
                 if not trainer.is_global_zero:  # sharded: the other ranks only take part in the forward
-                    Analyzer(**self._forward_settings())(views, encoder, resampler)
+                    Analyzer(**{**self._analyzer.settings(), "metrics": (), "stable_colors": False})(
+                        views, encoder, resampler)
                     return
                 result = self._analyse(views, encoder, resampler)
             self._publish(trainer, result)
@@ -344,10 +365,6 @@ class PanoVizCallback(Callback):
         probe_path = self._probe_spec.get("path") if self._probe_spec else None
         write_reports(result, self.save_dir, name, image=probe_path)
 
-    def _forward_settings(self) -> dict[str, Any]:
-        settings = self._analyzer.settings()
-        return {**settings, "metrics": (), "stable_colors": False}
-
     # ------------------------------------------------------------ probe/views
     def _cut_probe(self) -> Any:
         """Load the probe and cut it into views (runs on every rank, so a bad probe fails everywhere)."""
@@ -362,14 +379,6 @@ class PanoVizCallback(Callback):
             views = self._views.to(pl_module.device)
             self._device_views = dataclasses.replace(views, pixels=precision.convert_input(views.pixels))
         return self._device_views
-
-    def _probe_state(self) -> dict[str, Any] | None:
-        if self._probe_spec is None:
-            return None
-        spec = dict(self._probe_spec)
-        if spec["kind"] == "tensor":
-            spec["pixels"] = spec["pixels"].clone()
-        return spec
 
     def _analysis_settings(self) -> dict[str, Any]:
         """The settings that decide the numbers and colours (the runner reproduces the analysis from these)."""

@@ -331,8 +331,9 @@ def describe_model(
                          {"encoder": enc_path, "resampler": res_path}, **common)
 
     enc_prefix = _find_prefix(keys, PANOLLAVA_ENCODER_PREFIXES)
-    if enc_prefix is not None:
-        res_prefix = _find_prefix(keys, PANOLLAVA_RESAMPLER_PREFIXES)
+    res_prefix = _find_prefix(keys, PANOLLAVA_RESAMPLER_PREFIXES)
+    if enc_prefix is not None or res_prefix is not None:  # a frozen encoder may not have been saved
+        enc_prefix = enc_prefix or PANOLLAVA_ENCODER_PREFIXES[0]
         _require(hparams, ("vision_name",), bool(config), config_name, "a PanoLLaVA checkpoint")
         return ModelSpec("panollava", f"PanoLLaVA layout ({enc_prefix}*)", hparams, None,
                          {"encoder": enc_prefix, "resampler": res_prefix}, **common)
@@ -432,6 +433,13 @@ def build_model(spec: ModelSpec, ckpt: Mapping[str, Any], *, strict: bool = Fals
             resampler = None
     report = LoadReport(prefixes={"encoder": prefixes["encoder"]})
     _load_part("encoder", encoder, state_dict, prefixes["encoder"], report, align=True)
+    if spec.kind == "panollava" and report.loaded["encoder"] == 0 and not report.unexpected["encoder"]:
+        report.missing["encoder"] = []  # built with the pretrained weights of vision_name
+        log(f"note: the checkpoint holds no encoder weights under '{prefixes['encoder']}'; the encoder keeps the "
+            f"pretrained weights of {spec.hparams['vision_name']}")
+    if spec.kind == "panollava" and prefixes.get("resampler") is None:
+        log(f"note: the checkpoint holds no resampler weights (under {' or '.join(PANOLLAVA_RESAMPLER_PREFIXES)}); "
+            "only the encoder level is analysed")
     if resampler is not None:
         report.prefixes["resampler"] = prefixes.get("resampler")
         _load_part("resampler", resampler, state_dict, prefixes.get("resampler"), report, align=False)

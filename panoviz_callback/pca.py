@@ -50,17 +50,22 @@ BgRemoval = Literal["threshold", "remove_first_pc", "outlier_removal", "none"]
 _BG_REMOVAL = ("threshold", "remove_first_pc", "outlier_removal", "none")
 _METHODS = ("auto", "eigh", "subspace")
 
-_SEED = 0x5EED_C0DE          # the subspace iteration's own generator
-_OVERSAMPLE = 8              # block size k + 8: convergence rate lambda_{k+9} / lambda_k
+_SEED = 0x5EED_C0DE          # the Krylov iteration's own generator
+_OVERSAMPLE = 8              # block size k + 8 (rounded up to a multiple of 4)
 _TOL = 1e-5                  # stop when residual_j <= _TOL * eigengap_j (sin(angle) bound)
-_MAX_ITER = 40               # then fall back to eigh
-_AUTO_MIN_DIM = 512          # "auto": subspace iteration for D >= 512 and k <= 32 (measured
-                             # crossover on 2 CPU cores: eigh wins at D <= 384, subspace at D >= 768)
+_MAX_ITER = 40               # Krylov steps, then fall back to eigh
+_KRYLOV_BLOCKS = 10          # restart when the Krylov basis reaches 10 blocks
+_ORTHO_TOL = 1e-8            # a new block this far from orthogonal to the basis: breakdown
+_DOWNDATE_MAX = 0.5          # subset scatter by downdate only when the dropped rows hold <= half the trace
+_GRAM_BLOCKS = 4             # the scatter product in 4 x 4 blocks, upper triangle only
+_GRAM_BLOCK_MIN = 256
+_AUTO_MIN_DIM = 512          # "auto": Krylov for D >= 512 and k <= 32, else eigh
 _AUTO_MAX_K = 32
 _QUANTILES = (0.02, 0.98)
 _OUTLIER_PERCENT = 5
 _OUTLIER_DIMS = 16
-_OUTLIER_ITERS = 8           # approximate top-16 subspace is enough to rank outliers
+_OUTLIER_ITERS = 4           # Krylov steps: the approximate top-16 subspace ranks outliers (on ViT-B
+                             # features the same 5% as a full eigh)
 _MAD_TO_STD = 1.4826
 _STATE_VERSION = 1
 
@@ -247,18 +252,19 @@ def pca_rgb(
         if not bool(torch.isfinite(x).all()):
             raise ValueError("Expected `feats` to be finite, got NaN or inf values.")
         prev = None if state is None else state.to(x.device)
+        mom = _Moments(x)
         note, fg_basis, black = None, None, None
         if bg_removal == "threshold":
-            fg, fg_basis, note = _threshold_foreground(x, k, bg_threshold, prev, freeze)
+            fg, fg_basis, note = _threshold_foreground(mom, k, bg_threshold, prev, freeze)
             black = ~fg
         elif bg_removal == "outlier_removal":
-            fg = _inliers(x)
+            fg = _inliers(mom)
         else:
             fg = torch.ones(v * n, dtype=torch.bool, device=x.device)
         if bg_removal == "remove_first_pc":
-            mean, basis, fg_basis = _fit_without_first(x, k, prev, freeze)
+            mean, basis, fg_basis = _fit_without_first(mom, k, prev, freeze)
         else:
-            mean, basis = _colour_basis(x[fg], k, prev, freeze)
+            mean, basis = _colour_basis(mom, fg, k, prev, freeze)
         coords = _matmul(x - mean, basis)  # (M, K)
         unit, lo, hi = _unit_range(coords, fg)
         images = _to_images(unit, black, v, gh, gw)
@@ -271,56 +277,142 @@ def pca_rgb(
 # ---------------------------------------------------------------- fitting
 
 
+class _Moments:
+    """Mean, centred rows and (lazily) the scatter matrix of a set of tokens.
+
+    The scatter :math:`S = X_c^T X_c` is one ``(M, D) x (D, D)`` product, formed once and
+    shared by every fit on these tokens (and, by a downdate, on most of their subsets);
+    every Krylov step is then a ``(b, D) x (D, D)`` product. With more dimensions than
+    tokens (``D > M``) the scatter is not formed: the steps multiply by ``X_c^T X_c``
+    directly, in float64.
+    """
+
+    def __init__(self, x: Tensor, mean: Tensor | None = None, xc: Tensor | None = None,
+                 scatter: Tensor | None = None) -> None:
+        self.x = x  # (M, D) float32
+        self.m, self.d = x.shape
+        self.mean = x.mean(0, dtype=torch.float64) if mean is None else mean  # (D,)
+        self._xc = xc
+        self._scatter = scatter
+        self._xc64: Tensor | None = None
+        self._cov: Tensor | None = None
+        self.dense = scatter is not None or self.d <= self.m
+
+    @property
+    def xc(self) -> Tensor:
+        """``(M, D)`` rows centred on :attr:`mean`, in the matmul dtype."""
+        if self._xc is None:
+            dtype = _matmul_dtype(self.x.device)
+            self._xc = self.x.to(dtype) - self.mean.to(dtype)
+        return self._xc
+
+    @property
+    def scatter(self) -> Tensor:
+        """``(D, D)`` float64 scatter matrix of the centred rows (a matmul-dtype product)."""
+        if self._scatter is None:
+            self._scatter = _gram(self.xc).double()
+        return self._scatter
+
+    def times(self, rows: Tensor) -> Tensor:
+        """``rows (b, D) @ C`` for the covariance ``C = S / (M - 1)``, float64."""
+        if self.dense:
+            if self._cov is None:
+                self._cov = self.scatter / (self.m - 1)
+            return rows @ self._cov
+        if self._xc64 is None:
+            self._xc64 = self.x.double() - self.mean
+        return (rows @ self._xc64.T) @ self._xc64 / (self.m - 1)
+
+    def restrict(self, keep: Tensor) -> _Moments:
+        """The moments of the rows where ``keep`` is true (a downdate of the scatter when that is cheaper)."""
+        n_keep = int(keep.sum())
+        n_drop = self.m - n_keep
+        if n_drop == 0:
+            return self
+        if self.dense and self._scatter is not None and n_drop < n_keep:
+            dropped = self.xc[~keep]  # (M - M', D)
+            s_drop = _gram(dropped).double()
+            if float(s_drop.diagonal().sum()) <= _DOWNDATE_MAX * float(self._scatter.diagonal().sum()):
+                shift = dropped.sum(0, dtype=torch.float64) / -n_keep  # (D,) kept mean - mean (sum of xc is 0)
+                scatter = self._scatter - s_drop - n_keep * torch.outer(shift, shift)
+                return _Moments(self.x[keep], mean=self.mean + shift, scatter=scatter)
+        return _Moments(self.x[keep])
+
+
+def _gram(xc: Tensor) -> Tensor:
+    """``xc.T @ xc`` for ``xc (M, D)``: the upper block triangle only, mirrored (exactly symmetric)."""
+    d = xc.shape[1]
+    if d < _GRAM_BLOCK_MIN:
+        return xc.T @ xc
+    step = -(-d // _GRAM_BLOCKS)
+    out = xc.new_empty(d, d)
+    for lo in range(0, d, step):
+        out[lo:lo + step, lo:] = xc[:, lo:lo + step].T @ xc[:, lo:]
+    for lo in range(step, d, step):
+        out[lo:lo + step, :lo] = out[:lo, lo:lo + step].T
+    return out
+
+
 def _fit(x: Tensor, k: int, method: str, init: Tensor | None = None,
          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    d = x.shape[1]
+    return _fit_moments(_Moments(x), k, method, init, generator)
+
+
+def _fit_moments(mom: _Moments, k: int, method: str, init: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     if method == "auto":
-        method = "subspace" if d >= _AUTO_MIN_DIM and k <= _AUTO_MAX_K else "eigh"
-    out = _subspace(x, k, init, generator) if method == "subspace" else None
+        method = "subspace" if mom.d >= _AUTO_MIN_DIM and k <= _AUTO_MAX_K else "eigh"
+    out = _krylov(mom, k, init, generator) if method == "subspace" else None
     if out is None:
-        out = _eigh(x, k)
-    mean, basis, var = out
-    return mean, _largest_loading_positive(basis), var
+        out = _eigh(mom, k)
+    basis, var = out
+    return mom.mean.float(), _largest_loading_positive(basis.float()), var.float()
 
 
-def _eigh(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    xd = x.double()
-    mean = xd.mean(0)  # (D,)
-    xc = (xd - mean).to(_matmul_dtype(x.device))  # (M, D)
-    cov = (xc.T @ xc).double() / (x.shape[0] - 1)  # (D, D)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    basis = evecs[:, -k:].flip(-1)  # (D, k)
-    var = evals[-k:].flip(0).clamp_min(0)
-    return mean.float(), basis.float(), var.float()
+def _eigh(mom: _Moments, k: int) -> tuple[Tensor, Tensor]:
+    evals, evecs = torch.linalg.eigh(mom.scatter / (mom.m - 1))  # ascending
+    return evecs[:, -k:].flip(-1), evals[-k:].flip(0).clamp_min(0)  # (D, k), (k,)
 
 
-def _subspace(x: Tensor, k: int, init: Tensor | None, generator: torch.Generator | None, *,
-              max_iter: int | None = None, exact: bool = True) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Block subspace iteration with Rayleigh-Ritz; ``None`` when it does not converge (``exact``)."""
-    m, d = x.shape
+def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generator | None, *,
+            max_iter: int | None = None, exact: bool = True) -> tuple[Tensor, Tensor] | None:
+    """Block Krylov (block Lanczos, full reorthogonalisation) with Rayleigh-Ritz at every step.
+
+    The Krylov vectors are kept as rows, ``(m, D)``. ``None`` when it does not converge in
+    ``max_iter`` steps (``exact``) or the block loses orthogonality (the space became invariant).
+    """
+    d, m = mom.d, mom.m
     max_iter = _MAX_ITER if max_iter is None else max_iter
-    p = k + _OVERSAMPLE
-    if p >= d or k >= m:
+    b = -(-(k + _OVERSAMPLE) // 4) * 4  # block size, a multiple of 4 (BLAS-friendly shapes)
+    if b >= d or k >= m:
         return None  # the full eigh is as cheap, or the spectrum is degenerate
-    xd = x.double()
-    mean = xd.mean(0)  # (D,)
-    xc = xd - mean  # (M, D)
-    q = torch.linalg.qr(_start_block(d, p, init, generator, x.device)).Q  # (D, p)
-    for _ in range(max_iter):
-        z = xc.T @ (xc @ q) / (m - 1)  # (D, p) = C q
-        t = q.T @ z  # (p, p)
+    cap = min(d, _KRYLOV_BLOCKS * b)
+    rows = torch.linalg.qr(_start_block(d, b, init, generator, mom.x.device)).Q.T  # (b, D)
+    basis, image = rows, mom.times(rows)  # (m, D) each: the Krylov basis and C times it
+    for step in range(max_iter):
+        t = basis @ image.T  # (m, m)
         theta, w = torch.linalg.eigh((t + t.T) / 2)
         theta, w = theta.flip(0), w.flip(1)  # decreasing Ritz values
-        vecs, cvecs = q @ w, z @ w  # Ritz vectors and C times them, (D, p)
-        res = (cvecs[:, :k] - vecs[:, :k] * theta[:k]).norm(dim=0)  # (k,)
-        step = theta[:-1] - theta[1:]  # (p - 1,) gap to the next Ritz value
-        gap = torch.minimum(step[:k], torch.cat([step.new_full((1,), torch.inf), step[:k - 1]]))
-        if bool((res <= _TOL * gap).all()):
-            return mean.float(), vecs[:, :k].float(), theta[:k].clamp_min(0).float()
-        q = torch.linalg.qr(cvecs).Q
-    if exact:
-        return None
-    return mean.float(), vecs[:, :k].float(), theta[:k].clamp_min(0).float()
+        vecs = w[:, :k].T @ basis  # (k, D) Ritz vectors
+        res = (w[:, :k].T @ image - theta[:k, None] * vecs).norm(dim=1)  # (k,)
+        gaps = theta[:-1] - theta[1:]  # gap to the next Ritz value
+        gap = torch.minimum(gaps[:k], torch.cat([gaps.new_full((1,), torch.inf), gaps[:k - 1]]))
+        if bool((res <= _TOL * gap).all()) or basis.shape[0] >= d or (not exact and step == max_iter - 1):
+            return vecs.T, theta[:k].clamp_min(0)
+        if step == max_iter - 1:
+            return None
+        if basis.shape[0] >= cap:  # restart from the leading Ritz vectors
+            rows = torch.linalg.qr((w[:, :b].T @ basis).T).Q.T
+            basis, image = rows, mom.times(rows)
+            continue
+        new = image[-b:][: cap - basis.shape[0]]  # C times the newest block, (b', D)
+        new = new - (new @ basis.T) @ basis
+        new = new - (new @ basis.T) @ basis  # twice is enough (Kahan)
+        rows = torch.linalg.qr(new.T).Q.T
+        if bool(((rows @ basis.T).abs() > _ORTHO_TOL).any()):
+            return None  # breakdown: the Krylov space is (numerically) invariant
+        basis, image = torch.cat([basis, rows]), torch.cat([image, mom.times(rows)])
+    return None
 
 
 def _start_block(d: int, p: int, init: Tensor | None, generator: torch.Generator | None,
@@ -353,22 +445,24 @@ def _align_signs(basis: Tensor, ref: Tensor) -> Tensor:
 # ---------------------------------------------------------------- background modes
 
 
-def _colour_basis(x: Tensor, k: int, prev: PCAState | None, freeze: bool) -> tuple[Tensor, Tensor]:
+def _colour_basis(mom: _Moments, fg: Tensor, k: int, prev: PCAState | None,
+                  freeze: bool) -> tuple[Tensor, Tensor]:
     if freeze:
         return prev.mean, prev.basis
-    mean, basis, _ = _fit(x, k, "auto", None if prev is None else prev.basis)
+    mean, basis, _ = _fit_moments(mom.restrict(fg), k, "auto", None if prev is None else prev.basis)
     if prev is not None:
         basis = _align_signs(basis, prev.basis)
     return mean, basis
 
 
-def _fit_without_first(x: Tensor, k: int, prev: PCAState | None, freeze: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _fit_without_first(mom: _Moments, k: int, prev: PCAState | None,
+                       freeze: bool) -> tuple[Tensor, Tensor, Tensor]:
     if freeze:
         return prev.mean, prev.basis, prev.fg_basis
     init = None
     if prev is not None:
         init = prev.basis if prev.fg_basis is None else torch.cat([prev.fg_basis[:, None], prev.basis], 1)
-    mean, both, _ = _fit(x, k + 1, "auto", init)
+    mean, both, _ = _fit_moments(mom, k + 1, "auto", init)
     first, basis = both[:, :1], both[:, 1:]  # (D, 1), (D, K)
     if prev is not None:
         basis = _align_signs(basis, prev.basis)
@@ -377,15 +471,15 @@ def _fit_without_first(x: Tensor, k: int, prev: PCAState | None, freeze: bool) -
     return mean, basis, first[:, 0]
 
 
-def _threshold_foreground(x: Tensor, k: int, threshold: float, prev: PCAState | None,
+def _threshold_foreground(mom: _Moments, k: int, threshold: float, prev: PCAState | None,
                           freeze: bool) -> tuple[Tensor, Tensor, str | None]:
     if freeze:
         direction = prev.fg_basis
     else:
         init = None if prev is None or prev.fg_basis is None else prev.fg_basis[:, None]
-        _, first, _ = _fit(x, 1, "auto", init)
-        direction = _background_low(x, first[:, 0])
-    score = _matmul(x - x.mean(0), direction[:, None])[:, 0]  # (M,)
+        _, first, _ = _fit_moments(mom, 1, "auto", init)
+        direction = _background_low(mom.xc, first[:, 0])
+    score = _matmul(mom.xc, direction[:, None])[:, 0]  # (M,)
     low, high = score.aminmax()
     fg = (score - low) / (high - low) >= threshold  # a flat score gives NaN: no foreground
     n_fg = int(fg.sum())
@@ -396,27 +490,27 @@ def _threshold_foreground(x: Tensor, k: int, threshold: float, prev: PCAState | 
     return torch.ones_like(fg), direction, note
 
 
-def _background_low(x: Tensor, direction: Tensor) -> Tensor:
+def _background_low(xc: Tensor, direction: Tensor) -> Tensor:
     """Orient ``direction (D,)`` so that the more homogeneous side of the mid-range split is low."""
-    score = _matmul(x - x.mean(0), direction[:, None])[:, 0]  # (M,)
+    score = _matmul(xc, direction[:, None])[:, 0]  # (M,)
     low, high = score.aminmax()
     upper = score >= (low + high) / 2
     if not bool(upper.any()) or bool(upper.all()):
         return direction
-    spread_upper, spread_lower = ((s - s.mean(0)).square().sum(1).mean() for s in (x[upper], x[~upper]))
+    spread_upper, spread_lower = ((s - s.mean(0)).square().sum(1).mean() for s in (xc[upper], xc[~upper]))
     return torch.where(spread_upper < spread_lower, -direction, direction)
 
 
-def _inliers(x: Tensor) -> Tensor:
+def _inliers(mom: _Moments) -> Tensor:
     """Leave out the 5% of tokens with the largest robust (median/MAD) Mahalanobis distance."""
-    m, d = x.shape
+    m, d = mom.m, mom.d
     n_out = m * _OUTLIER_PERCENT // 100
-    keep = torch.ones(m, dtype=torch.bool, device=x.device)
+    keep = torch.ones(m, dtype=torch.bool, device=mom.x.device)
     if n_out == 0:
         return keep
     r = min(_OUTLIER_DIMS, d, m - 1)
-    out = _subspace(x, r, None, None, max_iter=_OUTLIER_ITERS, exact=False) or _eigh(x, r)
-    z = _matmul(x - out[0], out[1])  # (M, r) coordinates on the top-r directions
+    out = _krylov(mom, r, None, None, max_iter=_OUTLIER_ITERS, exact=False) or _eigh(mom, r)
+    z = _matmul(mom.xc, out[0])  # (M, r) coordinates on the top-r directions
     dev = (z - z.median(0).values).abs()  # (M, r)
     mad = dev.median(0).values * _MAD_TO_STD  # (r,)
     scale = torch.where(mad > 0, mad, mad.max()).clamp_min(torch.finfo(z.dtype).tiny)

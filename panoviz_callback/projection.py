@@ -29,11 +29,19 @@ Convention:
       rows above); yaw and pitch are ignored.
     - "Inside" a camera means strictly inside its field of view, shrunk by a relative 1e-6: a point
       on the edge shared by two cube faces is inside neither, so cube faces never correspond.
-    - ``grid_sample``: normalised coordinates with ``align_corners=False``, i.e.
-      ``g = (x + 0.5) / w * 2 - 1`` for pixel coordinate ``x``; the ERP is sampled unpadded with
-      ``padding_mode="border"`` and the few bilinear samples within half a pixel of the seam or a
-      pole are recomputed with wrapped / across-the-pole neighbours (exactly py360convert's
-      one-pixel padding), so the full panorama is never copied.
+    - Bilinear sampling wraps like py360convert's one-pixel padding: a neighbour column left of 0
+      is column ``W - 1`` (and vice versa), a neighbour row above 0 / below ``H - 1`` is that row
+      shifted by ``W // 2`` columns. The full panorama is never copied, whatever its memory layout:
+    - ERP in channels-last memory (``pano.permute(1, 2, 0)`` contiguous, e.g. a ``(C, H, W)`` view
+      of an ``(H, W, C)`` NumPy/PIL array), bilinear: the flat indices ``row * W + col`` of the 4
+      neighbours of every view pixel and their weights are cached per geometry (float64 maths,
+      wrapping included) and one ``embedding_bag`` over the ``(H * W, C)`` view of the panorama
+      sums them. Other layouts or ``mode="nearest"``: one ``grid_sample`` with normalised
+      coordinates and ``align_corners=False``, i.e. ``g = (x + 0.5) / w * 2 - 1`` for pixel
+      coordinate ``x``, ``padding_mode="border"``; the few bilinear samples within half a pixel of
+      the seam or a pole are then recomputed with the wrapped neighbours. The two agree to ~1e-5
+      in float32 (``grid_sample`` un-normalises its float32 grid; the gather weights come from
+      float64).
 """
 
 from __future__ import annotations
@@ -274,9 +282,45 @@ class _Sampler(NamedTuple):
     grid: Tensor  # (V, h, w, 2) normalised for the unpadded ERP
     fix_view: Tensor  # (M,) view of each sample within half a pixel of the seam or a pole
     fix_pix: Tensor  # (M,) its flat pixel position in the view
-    fix_y: Tensor  # (4 * M,) ERP rows of its bilinear neighbours
-    fix_x: Tensor  # (4 * M,) ERP columns of its bilinear neighbours
-    fix_w: Tensor  # (4, M) bilinear weights
+    fix_y: Tensor  # (M, 4) ERP rows of its bilinear neighbours
+    fix_x: Tensor  # (M, 4) ERP columns of its bilinear neighbours
+    fix_w: Tensor  # (M, 4) bilinear weights
+
+
+class _Taps(NamedTuple):
+    index: Tensor  # (V*h*w*4,) flat ERP pixels ``row * W + col`` of the 4 neighbours of each view pixel
+    offsets: Tensor  # (V*h*w + 1,) where each view pixel's 4 taps start (the ``embedding_bag`` bags)
+    weight: Tensor  # (V*h*w*4,) bilinear weights
+
+
+def _erp_coords(
+    views: tuple[tuple[float, float, float, float], ...], h: int, w: int, erp_h: int, erp_w: int
+) -> tuple[Tensor, Tensor]:
+    """Float64 ERP pixel coordinates ``(px, py)``, each ``(V, h, w)``, seen by perspective views
+    ``(yaw, pitch, hfov, vfov)``."""
+    p = torch.tensor(views, dtype=torch.float64)  # (V, 4)
+    tx = torch.linspace(-1, 1, w, dtype=torch.float64) * torch.tan(torch.deg2rad(p[:, 2:3]) / 2)  # (V, w)
+    ty = torch.linspace(1, -1, h, dtype=torch.float64) * torch.tan(torch.deg2rad(p[:, 3:4]) / 2)  # (V, h)
+    rot = camera_rotation(p[:, 0], p[:, 1])[:, :, :, None, None]  # (V, 3, 3, 1, 1)
+    # world direction of the ray (tx, ty, 1), one (V, h, w) component at a time
+    x, y, z = (rot[:, i, 0] * tx[:, None, :] + (rot[:, i, 1] * ty[:, :, None] + rot[:, i, 2]) for i in range(3))
+    lon = torch.atan2(x, z)  # (V, h, w) radians
+    lat = torch.atan2(y, torch.hypot(x, z))
+    return lon.mul_(erp_w / (2 * math.pi)).add_(erp_w / 2 - 0.5), lat.mul_(-erp_h / math.pi).add_(erp_h / 2 - 0.5)
+
+
+def _bilinear_taps(px: Tensor, py: Tensor, erp_h: int, erp_w: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ERP rows, columns and weights, each ``(N, 4)`` float64 in the order (top-left, top-right,
+    bottom-left, bottom-right), of the bilinear neighbours of ``(N,)`` float64 coordinates, wrapped
+    across the seam and over the poles (see ``Convention:``). Rows and columns are whole numbers."""
+    x0, y0 = px.floor(), py.floor()
+    wx, wy = px - x0, py - y0
+    ys = torch.stack([y0, y0 + 1], dim=-1)  # (N, 2)
+    shift = torch.where((ys < 0) | (ys > erp_h - 1), float(erp_w // 2), 0.0)  # across a pole: W // 2 columns on
+    cols = (torch.stack([x0, x0 + 1], dim=-1)[:, None, :] - shift[:, :, None]).remainder_(erp_w)  # (N, 2, 2)
+    rows = ys.clamp_(0, erp_h - 1)[:, :, None].expand(-1, -1, 2)  # (N, 2, 2)
+    wts = torch.stack([1 - wy, wy], dim=-1)[:, :, None] * torch.stack([1 - wx, wx], dim=-1)[:, None, :]
+    return rows.reshape(-1, 4), cols.reshape(-1, 4), wts.reshape(-1, 4)
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -284,56 +328,69 @@ def _perspective_sampler(
     views: tuple[tuple[float, float, float, float], ...], h: int, w: int, erp_h: int, erp_w: int, device: str,
     dtype: torch.dtype,
 ) -> _Sampler:
-    """Sampling grid for perspective views ``(yaw, pitch, hfov, vfov)``."""
-    p = torch.tensor(views, dtype=torch.float64)  # (V, 4)
-    n = len(views)
-    tx = torch.linspace(-1, 1, w, dtype=torch.float64) * torch.tan(torch.deg2rad(p[:, 2:3]) / 2)  # (V, w)
-    ty = torch.linspace(1, -1, h, dtype=torch.float64) * torch.tan(torch.deg2rad(p[:, 3:4]) / 2)  # (V, h)
-    ray = torch.stack(
-        [tx[:, None, :].expand(-1, h, -1), ty[:, :, None].expand(-1, -1, w), torch.ones(n, h, w, dtype=torch.float64)],
-        dim=-1,
-    )  # (V, h, w, 3)
-    dirs = _rotate(camera_rotation(p[:, 0], p[:, 1])[:, None, None], ray)  # (V, h, w, 3)
-    lon, lat = direction_to_lonlat(dirs)  # (V, h, w)
-    px = (lon / 360 + 0.5) * erp_w - 0.5
-    py = (0.5 - lat / 180) * erp_h - 0.5
+    """``grid_sample`` grid (and seam/pole fix-ups) for perspective views ``(yaw, pitch, hfov, vfov)``."""
+    px, py = _erp_coords(views, h, w, erp_h, erp_w)  # (V, h, w)
     grid = torch.stack([(px + 0.5) / erp_w * 2 - 1, (py + 0.5) / erp_h * 2 - 1], dim=-1)  # (V, h, w, 2)
     px, py = px.reshape(-1), py.reshape(-1)
     fix = torch.nonzero((px < 0) | (px > erp_w - 1) | (py < 0) | (py > erp_h - 1)).squeeze(1)
-    fx, fy = px[fix], py[fix]
-    x0, y0 = fx.floor(), fy.floor()
-    wx, wy = fx - x0, fy - y0
-    rows, cols, wts = [], [], []
-    for dy in (0, 1):
-        for dx in (0, 1):
-            yy, xx = (y0 + dy).long(), (x0 + dx).long()
-            pole = (yy < 0) | (yy > erp_h - 1)
-            xx = torch.where(pole, xx - erp_w // 2, xx).remainder(erp_w)
-            yy = yy.clamp(0, erp_h - 1)
-            rows.append(yy)
-            cols.append(xx)
-            wts.append((wy if dy else 1 - wy) * (wx if dx else 1 - wx))
+    rows, cols, wts = _bilinear_taps(px[fix], py[fix], erp_h, erp_w)  # (M, 4)
     dev = torch.device(device)
     return _Sampler(
-        grid.to(dev, dtype), (fix // (h * w)).to(dev), (fix % (h * w)).to(dev), torch.cat(rows).to(dev),
-        torch.cat(cols).to(dev), torch.stack(wts).to(dev, dtype),
+        grid.to(dev, dtype), (fix // (h * w)).to(dev), (fix % (h * w)).to(dev), rows.to(dev, torch.long),
+        cols.to(dev, torch.long), wts.to(dev, dtype),
     )
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _perspective_taps(
+    views: tuple[tuple[float, float, float, float], ...], h: int, w: int, erp_h: int, erp_w: int, device: str,
+    dtype: torch.dtype,
+) -> _Taps:
+    """Bilinear taps of perspective views ``(yaw, pitch, hfov, vfov)`` for a gather from an
+    ``(H * W, C)`` panorama."""
+    px, py = _erp_coords(views, h, w, erp_h, erp_w)
+    rows, cols, wts = _bilinear_taps(px.reshape(-1), py.reshape(-1), erp_h, erp_w)  # (N, 4)
+    index_dtype = torch.int32 if erp_h * erp_w < 2**31 else torch.int64
+    dev = torch.device(device)
+    return _Taps(
+        (rows * erp_w + cols).reshape(-1).to(dev, index_dtype),  # exact: whole numbers below 2**53
+        torch.arange(0, rows.numel() + 1, 4, dtype=index_dtype, device=dev),
+        wts.reshape(-1).to(dev, dtype),
+    )
+
+
+def _is_channels_last(pano: Tensor) -> bool:
+    """Whether ``(B, C, H, W)`` lies in ``(B, H, W, C)`` memory (each image a contiguous ``(H * W, C)`` table)."""
+    return pano.permute(0, 2, 3, 1).is_contiguous()
 
 
 def _sample_perspective(
     pano: Tensor, views: list[tuple[float, float, float, float]], hw: tuple[int, int], mode: str
 ) -> Tensor:
-    """``pano (C', H, W)`` -> ``(V, C', h, w)`` with one ``grid_sample`` call (the panorama is not copied)."""
-    c, erp_h, erp_w = pano.shape
+    """``pano (B, C, H, W)`` -> ``(V, B * C, h, w)`` in one batched op (the panorama is not copied)."""
+    b, c, erp_h, erp_w = pano.shape
     h, w = hw
     n = len(views)
-    smp = _perspective_sampler(tuple(views), h, w, erp_h, erp_w, str(pano.device), pano.dtype)
+    key = (tuple(views), h, w, erp_h, erp_w, str(pano.device), pano.dtype)
+    if mode == "bilinear" and _is_channels_last(pano):
+        taps = _perspective_taps(*key)
+        table = pano.permute(0, 2, 3, 1).reshape(b, erp_h * erp_w, c)  # a view: (B, H*W, C)
+        out = [
+            F.embedding_bag(taps.index, table[k], taps.offsets, mode="sum", per_sample_weights=taps.weight,
+                            include_last_offset=True)
+            for k in range(b)
+        ]  # B x (V*h*w, C)
+        out = out[0].unsqueeze(0) if b == 1 else torch.stack(out)  # (B, V*h*w, C)
+        out = out.reshape(b, n, h, w, c).permute(1, 0, 4, 2, 3)  # (V, B, C, h, w)
+        return out.contiguous().view(n, b * c, h, w)  # the same memory layout as the grid_sample path
+    flat = pano.reshape(b * c, erp_h, erp_w)  # a view unless a batch is in an unusual layout
+    smp = _perspective_sampler(*key)
     # an expanded (stride-0) batch: every view samples the same panorama without a copy
-    out = F.grid_sample(pano.unsqueeze(0).expand(n, -1, -1, -1), smp.grid, mode=mode, padding_mode="border",
-                        align_corners=False)  # (V, C', h, w)
+    out = F.grid_sample(flat.unsqueeze(0).expand(n, -1, -1, -1), smp.grid, mode=mode, padding_mode="border",
+                        align_corners=False)  # (V, B*C, h, w)
     if mode == "bilinear" and smp.fix_pix.numel():
-        taps = pano[:, smp.fix_y, smp.fix_x].reshape(c, 4, -1)  # (C', 4, M); any memory layout
-        out.view(n, c, h * w)[smp.fix_view, :, smp.fix_pix] = (taps * smp.fix_w).sum(dim=1).T
+        taps = flat[:, smp.fix_y, smp.fix_x]  # (B*C, M, 4); any memory layout
+        out.view(n, b * c, h * w)[smp.fix_view, :, smp.fix_pix] = (taps * smp.fix_w).sum(dim=-1).T
     return out
 
 
@@ -379,9 +436,11 @@ def erp_to_perspective(
 ) -> Tensor:
     """Perspective views of an equirectangular panorama, like py360convert's ``e2p``.
 
-    All views are sampled with one ``grid_sample`` call on the panorama's device; the sampling grid
-    is cached per (geometry, sizes, device, dtype). Seamless across the +-180 deg seam and over the
-    poles. Like ``e2p`` there is no antialiasing (a 224 px, 90 deg view of a 2048 px panorama
+    All views are sampled by one batched op on the panorama's device, with no copy of the panorama:
+    an ``embedding_bag`` gather of the 4 bilinear neighbours when the panorama lies in channels-last
+    memory (the fastest: a ``(C, H, W)`` view of ``(H, W, C)`` memory, e.g. ``torch.from_numpy(hwc)
+    .permute(2, 0, 1)``), else ``grid_sample``. The taps / sampling grid are cached per (geometry,
+    sizes, device, dtype). Seamless across the +-180 deg seam and over the poles. Like ``e2p`` there is no antialiasing (a 224 px, 90 deg view of a 2048 px panorama
     samples every ~3rd pixel). See the module's ``Convention:`` block.
 
     Args:
@@ -422,7 +481,7 @@ def erp_to_perspective(
     batched = pano.dim() == 4
     b, c, erp_h, erp_w = pano.shape if batched else (1, *pano.shape)
     views = [(y, p, float(hfov), float(vfov)) for y, p in zip(yaws, pitches)]
-    out = _sample_perspective(pano.reshape(b * c, erp_h, erp_w), views, (h, w), mode)  # (V, B*C, h, w)
+    out = _sample_perspective(pano if batched else pano.unsqueeze(0), views, (h, w), mode)  # (V, B*C, h, w)
     out = out.reshape(n, b, c, h, w).transpose(0, 1)  # (B, V, C, h, w)
     out = out if b == 1 else out.contiguous()
     if yaw_scalar and pitch_scalar:
@@ -435,8 +494,8 @@ def sample_views(
 ) -> Tensor:
     """Render square views of any camera kind from an equirectangular panorama.
 
-    Perspective cameras (tile/face) are sampled together with one ``grid_sample`` (no
-    antialiasing, like py360convert); windows are crops of whole ERP pixels (wrapping around the
+    Perspective cameras (tile/face) are sampled together in one batched op as in
+    :func:`erp_to_perspective` (no antialiasing, like py360convert); windows are crops of whole ERP pixels (wrapping around the
     seam; a window camera is snapped to pixel edges) resized to ``S`` with antialiasing; the global
     view is the whole ERP resized with antialiasing and letterboxed (black bars).
 
@@ -454,17 +513,18 @@ def sample_views(
     _check_range(image_size, "image_size", 2)
     batched = pano.dim() == 4
     b, c, erp_h, erp_w = pano.shape if batched else (1, *pano.shape)
-    flat = pano.reshape(b * c, erp_h, erp_w)
+    pano4 = pano if batched else pano.unsqueeze(0)  # (B, C, H, W)
     s = int(image_size)
     params = _params(cameras, torch.empty(0, dtype=torch.float64))
     persp = [k for k, cam in enumerate(cameras) if cam.kind in _PERSPECTIVE_KINDS]
     views = [(cameras[k].yaw_deg, cameras[k].pitch_deg, float(params.fov[k]), float(params.vfov[k])) for k in persp]
     if len(persp) == len(cameras):
-        out = _sample_perspective(flat, views, (s, s), mode)  # (V, C', S, S)
+        out = _sample_perspective(pano4, views, (s, s), mode)  # (V, B*C, S, S)
     else:
-        out = flat.new_zeros(len(cameras), b * c, s, s)
+        out = pano.new_zeros(len(cameras), b * c, s, s)
         if persp:
-            out[persp] = _sample_perspective(flat, views, (s, s), mode)
+            out[persp] = _sample_perspective(pano4, views, (s, s), mode)
+    flat = pano4.reshape(b * c, erp_h, erp_w) if len(persp) < len(cameras) else None  # (B*C, H, W)
     groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
     for k, cam in enumerate(cameras):
         if cam.kind == "window":
@@ -486,5 +546,6 @@ def sample_views(
 
 
 def clear_cache() -> None:
-    """Drop the cached sampling grids (for example after moving to another device)."""
+    """Drop the cached sampling grids and taps (for example after moving to another device)."""
     _perspective_sampler.cache_clear()
+    _perspective_taps.cache_clear()

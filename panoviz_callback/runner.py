@@ -122,6 +122,8 @@ def callback_probe(state: Mapping[str, Any] | None) -> ImageSource:
     spec = dict(spec)
     if spec["kind"] == "path":
         path = Path(spec["path"])
+        if not path.is_file():
+            raise UsageError(f"the callback's probe '{path}' no longer exists; pass --image PATH")
         return ImageSource(label=f"callback probe {path}", stem=path.stem, path=path, spec=spec)
     what = "synthetic panorama" if spec["kind"] == "synthetic" else "tensor"
     return ImageSource(label=f"callback probe ({what})", stem="probe", spec=spec)
@@ -441,7 +443,8 @@ def format_summary(results: Sequence[ImageResult]) -> str:
     dirs = list(dict.fromkeys(r.out_dir for r in ok))
     if ok:
         n_files = sum(len(r.files) for r in ok)
-        where = str(dirs[0]) if len(dirs) == 1 else f"{os.path.commonpath([str(d) for d in dirs])} (one folder per image)"
+        common = os.path.commonpath([str(d) for d in dirs])
+        where = str(dirs[0]) if len(dirs) == 1 else f"{common} (one folder per image)"
         lines.append(f"Wrote {n_files} files for {len(ok)} image(s) to {where}")
     failed = [r for r in results if r.error is not None]
     if failed:

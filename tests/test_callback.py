@@ -11,6 +11,7 @@ import textwrap
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -152,6 +153,9 @@ def test_auto_detection_search_order():
     cb = PanoVizCallback(encoder="model.vision_tower", resampler=None)
     encoder, resampler = cb._resolve_modules(Outer())
     assert resampler is None and cb._paths == {"encoder": "model.vision_tower", "resampler": None}
+    for no_resampler in (None, False, "none"):
+        cb = PanoVizCallback(resampler=no_resampler)
+        assert cb._resolve_modules(inner)[1] is None and cb._paths["resampler"] is None
     with pytest.raises(AttributeError, match=r"could not find the vision encoder on `Sequential`"):
         PanoVizCallback()._resolve_modules(nn.Sequential())
 
@@ -344,6 +348,37 @@ def test_ddp_two_processes_only_rank_zero_analyses(tmp_path):
     assert [e.step for e in acc.Images("panoviz/original_views")] == [1]
 
 
+@pytest.mark.parametrize(("strategy", "rank", "forward", "analysed"), [
+    ("ddp", 0, True, True), ("ddp", 1, False, False),  # DDP: the other ranks do nothing at all
+    ("fsdp", 0, True, True), ("fsdp", 1, True, False),  # sharded: every rank joins the forward
+    ("model_parallel", 1, True, False),
+])
+def test_distributed_roles(strategy, rank, forward, analysed):
+    from lightning.pytorch.plugins.precision import Precision
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    strategies = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "model_parallel": ModelParallelStrategy}
+    model = TinyModule()
+    calls: list[int] = []
+    model.vision_encoder.register_forward_hook(lambda *_: calls.append(1))
+    trainer = SimpleNamespace(global_step=3, current_epoch=0, is_global_zero=rank == 0, loggers=[],
+                              strategy=strategies[strategy](), precision_plugin=Precision())
+    cb = _callback(log_images=False)
+    cb._views = cb._cut_probe()
+    cb._fire(trainer, model)
+    assert bool(calls) == forward and bool(cb.history) == analysed
+
+
+def test_validate_alone_does_not_fire(tmp_path):
+    cb = _callback(on="validation_epoch_end")
+    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False, callbacks=[cb],
+                      limit_val_batches=1, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.validate(TinyModule(with_val=True))
+    assert cb.history == [] and _panoviz_warnings(record) == []
+
+
 # ------------------------------------------------------------------ checkpoints
 def test_resume_and_weights_only_checkpoint(tmp_path):
     ckpt_dir = tmp_path / "ckpt"
@@ -351,8 +386,9 @@ def test_resume_and_weights_only_checkpoint(tmp_path):
     _fit(tmp_path, [cb, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], max_epochs=2)
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     state = ckpt["callbacks"][cb.state_key]
-    assert set(state) == {"version", "module_class", "encoder_path", "resampler_path", "probe", "settings",
-                          "pca_states", "history"}
+    assert set(state) == {"version", "module_class", "encoder_path", "resampler_path", "precision", "probe",
+                          "settings", "pca_states", "history"}
+    assert state["precision"] == "32-true"
     assert state["module_class"] == f"{TinyModule.__module__}:TinyModule"
     assert (state["encoder_path"], state["resampler_path"]) == ("vision_encoder", "resampler")
     assert state["probe"]["kind"] == "tensor" and state["probe"]["pixels"].dtype == torch.uint8
@@ -374,8 +410,10 @@ def test_resume_and_weights_only_checkpoint(tmp_path):
 
 
 def test_synthetic_probe_spec():
+    from panoviz_callback.callback import _load_probe
+
     cb = PanoVizCallback()
-    pano, spec = __import__("panoviz_callback.callback", fromlist=["_load_probe"])._load_probe(None)
+    pano, spec = _load_probe(None)
     assert spec == {"kind": "synthetic", "height": 512, "seed": 0}
     assert pano.shape == (3, 512, 1024)
     assert cb.state_dict()["probe"] is None  # nothing loaded before setup

@@ -165,6 +165,21 @@ def test_panollava_latent_dimension_from_weights(tmp_path, folder):
     assert model.resampler.out_dim == 24 and any("latent_dimension" in n for n in notes)
 
 
+def test_panollava_frozen_encoder_not_saved(tmp_path, folder):
+    path, _, ref_mlp = tiny.panollava_checkpoint(tmp_path / "last.ckpt", folder)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("model.vision_encoder.")}
+    torch.save(ckpt, path)
+    notes = []
+    model = load_model(path, strict=True, log=notes.append)
+    _same_tokens(model.encoder, tiny._siglip(0))  # the folder's pretrained weights
+    assert model.report.ok and notes == [
+        "note: the checkpoint holds no encoder weights under 'model.vision_encoder.'; the encoder keeps the "
+        f"pretrained weights of {folder}"]
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(model.resampler(x), ref_mlp(x))
+
+
 def test_panollava_uncached_hub_name(tmp_path, folder):
     path, _, _ = tiny.panollava_checkpoint(tmp_path / "last.ckpt", folder,
                                            hparams={"vision_name": "nobody/no-such-model-xyz", "latent_dimension": 24})
@@ -201,7 +216,7 @@ def test_shape_mismatch_is_an_error(tmp_path, folder):
     ckpt["state_dict"][key] = torch.zeros(8, 3, 16, 16)
     torch.save(ckpt, path)
     with pytest.raises(WeightsError, match=r"the encoder weights under 'model.vision_encoder.' do not fit the rebuilt "
-                                           r"encoder: size mismatch for (vision_model.)?embeddings.patch_embedding.weight"):
+                                           r"encoder: size mismatch for (vision_model.)?embeddings.patch_embedding"):
         load_model(path)
 
 

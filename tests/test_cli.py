@@ -187,7 +187,8 @@ def test_config_invalid_yaml_and_missing_keys(ckpt, pano, tmp_path, capsys):
     code, _, err = _run(capsys, "--checkpoint", tmp_path / "n.ckpt", "--config", partial, "--image", pano,
                         "--output_dir", tmp_path / "o")
     assert code == 2
-    _one_error(err, f"`vision_name` is in neither the hyper_parameters of a PanoLLaVA checkpoint nor --config {partial}")
+    _one_error(err, "`vision_name` is in neither the hyper_parameters of a PanoLLaVA checkpoint nor "
+                    f"--config {partial}")
 
 
 def test_module_not_importable(ckpt, pano, tmp_path, capsys):

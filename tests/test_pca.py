@@ -123,7 +123,7 @@ def test_fit_pca_warm_start_converges_in_few_steps(big: tuple[torch.Tensor, torc
     warm, calls[0] = calls[0], 0
     fit_pca(x, 3, method="subspace", init_basis=exact)
     assert calls[0] == 1  # converged at the first check
-    assert warm <= 5 and warm <= cold - 2
+    assert warm <= 5 and warm < cold  # Krylov converges cold in ~5 steps; the warm start saves at least one
     assert _max_err_up_to_sign(basis, comps[:, :3]) < 1e-4
 
 

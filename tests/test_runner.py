@@ -167,11 +167,13 @@ def test_resolve_images(panoramas, tmp_path):
         resolve_images([str(tmp_path / "*.jpg")])
 
 
-def test_callback_probe_kinds():
+def test_callback_probe_kinds(panoramas, tmp_path):
     synthetic = callback_probe({"probe": {"kind": "synthetic", "height": 32, "seed": 1}})
     assert synthetic.spec["kind"] == "synthetic" and synthetic.recorded is None
-    path = callback_probe({"probe": {"kind": "path", "path": "/data/probe.jpg", "max_width": 2048}})
-    assert path.stem == "probe" and path.recorded == "/data/probe.jpg"
+    path = callback_probe({"probe": {"kind": "path", "path": str(panoramas[1]), "max_width": 2048}})
+    assert path.stem == "room1" and path.recorded == str(panoramas[1])
+    with pytest.raises(UsageError, match=r"the callback's probe '.*moved.png' no longer exists; pass --image PATH"):
+        callback_probe({"probe": {"kind": "path", "path": str(tmp_path / "moved.png"), "max_width": 2048}})
     with pytest.raises(UsageError, match=r"no --image given and the checkpoint holds no PanoVizCallback probe"):
         callback_probe(None)
 
