@@ -248,7 +248,7 @@ def _hungarian_views(units: Tensor, idx_i: Tensor, idx_j: Tensor) -> tuple[Tenso
 
 def _token_cosine_views(units: Tensor, idx_i: Tensor, idx_j: Tensor) -> Tensor:
     """:func:`token_cosine` for the pairs ``(idx_i[p], idx_j[p])`` of ``(V, N, D)`` unit tokens, ``(P,)``."""
-    return torch.einsum("pnd,pnd->p", units[idx_i], units[idx_j]) / units.shape[1]
+    return torch.linalg.vecdot(units[idx_i], units[idx_j]).mean(-1)
 
 
 def _overlap_cosine_views(units: Tensor, idx_i: Tensor, idx_j: Tensor, idx_a: Sequence[Tensor],
@@ -522,7 +522,8 @@ def ssim(
     if mask is None:
         return smap.mean((1, 2))
     if erode_mask:
-        outside = F.max_pool2d((~mask).float()[:, None], kernel_size=k, stride=1)[:, 0]  # (P, h-2r, w-2r)
+        outside = F.max_pool2d((~mask).float()[:, None], kernel_size=(k, 1), stride=1)  # separable: the same
+        outside = F.max_pool2d(outside, kernel_size=(1, k), stride=1)[:, 0]  # (P, h-2r, w-2r)
         valid = outside == 0
     else:
         valid = mask[:, r : h - r, r : w - r]

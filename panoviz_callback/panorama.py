@@ -289,9 +289,11 @@ def _box_reduce(im: Image.Image, factor: int) -> np.ndarray:
 def _to_tensor(pixels: np.ndarray, scale: float, device: torch.device) -> Tensor:
     """``(h, w, C)`` integer or float pixels -> ``(3, h, w)`` float32 in [0, 1], converted on ``device``."""
     x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)  # integers travel before the float copy
-    x = x.permute(2, 0, 1).expand(3, -1, -1) if x.shape[-1] == 1 else x.permute(2, 0, 1).contiguous()  # (3, h, w)
-    x = x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale)
-    return x if pixels.dtype == np.uint8 else x.clamp_(0.0, 1.0)
+    x = x.expand(-1, -1, 3) if x.shape[-1] == 1 else x  # (h, w, 3)
+    x = x.to(torch.float32).contiguous().mul_(scale)  # (h, w, 3), pixel-interleaved in memory
+    x = x if pixels.dtype == np.uint8 else x.clamp_(0.0, 1.0)
+    # A (3, h, w) view of channels-last memory: projection samples it with one fused gather.
+    return x.permute(2, 0, 1)
 
 
 # --------------------------------------------------------------------------- synthetic scene
@@ -418,7 +420,7 @@ def _render_scene(
             rgb[:, r0:r1, c0:c1] = torch.where(closer[..., None], color, rgb[:, r0:r1, c0:c1])
             label[:, r0:r1, c0:c1].masked_fill_(closer, _OBJECT)
     pano = rgb.sum(0) if k > 1 else rgb[0]  # (h, w, 3)
-    return (pano / k).clamp_(0.0, 1.0).permute(2, 0, 1).contiguous(), label[0].contiguous()
+    return (pano / k).clamp_(0.0, 1.0).contiguous().permute(2, 0, 1), label[0].contiguous()  # channels-last memory
 
 
 def _ray_grid(height: int, offsets: tuple[tuple[float, float], ...], device: torch.device) -> Tensor:

@@ -55,8 +55,6 @@ _OVERSAMPLE = 8              # block size k + 8 (rounded up to a multiple of 4)
 _TOL = 1e-5                  # stop when residual_j <= _TOL * eigengap_j (sin(angle) bound)
 _MAX_ITER = 40               # Krylov steps, then fall back to eigh
 _KRYLOV_BLOCKS = 10          # restart when the Krylov basis reaches 10 blocks
-_ORTHO_TOL = 1e-8            # a new block this far from orthogonal to the basis: breakdown
-_DOWNDATE_MAX = 0.5          # subset scatter by downdate only when the dropped rows hold <= half the trace
 _GRAM_BLOCKS = 4             # the scatter product in 4 x 4 blocks, upper triangle only
 _GRAM_BLOCK_MIN = 256
 _AUTO_MIN_DIM = 512          # "auto": Krylov for D >= 512 and k <= 32, else eigh
@@ -249,23 +247,23 @@ def pca_rgb(
     k = n_components
     with _numerics(feats.device):
         x = feats.detach().reshape(v * n, d).float()  # (M, D)
-        if not bool(torch.isfinite(x).all()):
+        mom = _Moments(x)
+        if not bool(torch.isfinite(mom.mean).all()):  # float64 column sums of float32 values: finite iff all are
             raise ValueError("Expected `feats` to be finite, got NaN or inf values.")
         prev = None if state is None else state.to(x.device)
-        mom = _Moments(x)
-        note, fg_basis, black = None, None, None
+        note, fg_basis, black, directions = None, None, None, None
         if bg_removal == "threshold":
             fg, fg_basis, note = _threshold_foreground(mom, k, bg_threshold, prev, freeze)
             black = ~fg
         elif bg_removal == "outlier_removal":
-            fg = _inliers(mom)
+            fg, directions = _inliers(mom)
         else:
             fg = torch.ones(v * n, dtype=torch.bool, device=x.device)
         if bg_removal == "remove_first_pc":
             mean, basis, fg_basis = _fit_without_first(mom, k, prev, freeze)
         else:
-            mean, basis = _colour_basis(mom, fg, k, prev, freeze)
-        coords = _matmul(x - mean, basis)  # (M, K)
+            mean, basis = _colour_basis(mom, fg, k, prev, freeze, directions)
+        coords = _project(x - mean, basis)  # (M, K)
         unit, lo, hi = _unit_range(coords, fg)
         images = _to_images(unit, black, v, gh, gw)
     if note is not None:
@@ -278,25 +276,19 @@ def pca_rgb(
 
 
 class _Moments:
-    """Mean, centred rows and (lazily) the scatter matrix of a set of tokens.
+    """Mean and centred rows of a set of tokens; the covariance only as an operator.
 
-    The scatter :math:`S = X_c^T X_c` is one ``(M, D) x (D, D)`` product, formed once and
-    shared by every fit on these tokens (and, by a downdate, on most of their subsets);
-    every Krylov step is then a ``(b, D) x (D, D)`` product. With more dimensions than
-    tokens (``D > M``) the scatter is not formed: the steps multiply by ``X_c^T X_c``
-    directly, in float64.
+    A Krylov step multiplies ``b`` rows by the covariance as ``((rows X_c^T) X_c) / (M - 1)``:
+    two ``(b, D) x (D, M)``-sized products, far cheaper than forming the ``(D, D)`` scatter
+    (``M D^2``) for the few steps a fit takes. The scatter is formed only for ``eigh``.
     """
 
-    def __init__(self, x: Tensor, mean: Tensor | None = None, xc: Tensor | None = None,
-                 scatter: Tensor | None = None) -> None:
+    def __init__(self, x: Tensor) -> None:
         self.x = x  # (M, D) float32
         self.m, self.d = x.shape
-        self.mean = x.mean(0, dtype=torch.float64) if mean is None else mean  # (D,)
-        self._xc = xc
-        self._scatter = scatter
+        self.mean = x.mean(0, dtype=torch.float64)  # (D,)
+        self._xc: Tensor | None = None
         self._xc64: Tensor | None = None
-        self._cov: Tensor | None = None
-        self.dense = scatter is not None or self.d <= self.m
 
     @property
     def xc(self) -> Tensor:
@@ -307,36 +299,24 @@ class _Moments:
         return self._xc
 
     @property
+    def xc64(self) -> Tensor:
+        """``(M, D)`` float64 rows centred on :attr:`mean`."""
+        if self._xc64 is None:
+            self._xc64 = self.xc if self.xc.dtype == torch.float64 else self.x.double() - self.mean
+        return self._xc64
+
     def scatter(self) -> Tensor:
         """``(D, D)`` float64 scatter matrix of the centred rows (a matmul-dtype product)."""
-        if self._scatter is None:
-            self._scatter = _gram(self.xc).double()
-        return self._scatter
+        return _gram(self.xc).double()
 
     def times(self, rows: Tensor) -> Tensor:
-        """``rows (b, D) @ C`` for the covariance ``C = S / (M - 1)``, float64."""
-        if self.dense:
-            if self._cov is None:
-                self._cov = self.scatter / (self.m - 1)
-            return rows @ self._cov
-        if self._xc64 is None:
-            self._xc64 = self.x.double() - self.mean
-        return (rows @ self._xc64.T) @ self._xc64 / (self.m - 1)
+        """``rows (b, D) @ C`` for the covariance ``C``, in the dtype of ``rows`` (float32 or float64)."""
+        xc = self.xc64 if rows.dtype == torch.float64 else self.xc
+        return ((rows.to(xc.dtype) @ xc.T) @ xc).to(rows.dtype) / (self.m - 1)
 
     def restrict(self, keep: Tensor) -> _Moments:
-        """The moments of the rows where ``keep`` is true (a downdate of the scatter when that is cheaper)."""
-        n_keep = int(keep.sum())
-        n_drop = self.m - n_keep
-        if n_drop == 0:
-            return self
-        if self.dense and self._scatter is not None and n_drop < n_keep:
-            dropped = self.xc[~keep]  # (M - M', D)
-            s_drop = _gram(dropped).double()
-            if float(s_drop.diagonal().sum()) <= _DOWNDATE_MAX * float(self._scatter.diagonal().sum()):
-                shift = dropped.sum(0, dtype=torch.float64) / -n_keep  # (D,) kept mean - mean (sum of xc is 0)
-                scatter = self._scatter - s_drop - n_keep * torch.outer(shift, shift)
-                return _Moments(self.x[keep], mean=self.mean + shift, scatter=scatter)
-        return _Moments(self.x[keep])
+        """The moments of the rows where ``keep`` is true."""
+        return self if bool(keep.all()) else _Moments(self.x[keep])
 
 
 def _gram(xc: Tensor) -> Tensor:
@@ -370,34 +350,40 @@ def _fit_moments(mom: _Moments, k: int, method: str, init: Tensor | None = None,
 
 
 def _eigh(mom: _Moments, k: int) -> tuple[Tensor, Tensor]:
-    evals, evecs = torch.linalg.eigh(mom.scatter / (mom.m - 1))  # ascending
+    evals, evecs = torch.linalg.eigh(mom.scatter() / (mom.m - 1))  # ascending
     return evecs[:, -k:].flip(-1), evals[-k:].flip(0).clamp_min(0)  # (D, k), (k,)
 
 
 def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generator | None, *,
-            max_iter: int | None = None, exact: bool = True) -> tuple[Tensor, Tensor] | None:
+            max_iter: int | None = None, exact: bool = True,
+            dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor] | None:
     """Block Krylov (block Lanczos, full reorthogonalisation) with Rayleigh-Ritz at every step.
 
-    The Krylov vectors are kept as rows, ``(m, D)``. ``None`` when it does not converge in
-    ``max_iter`` steps (``exact``) or the block loses orthogonality (the space became invariant).
+    Returns the top-``k`` Ritz vectors ``(D, k)`` and values ``(k,)`` once every residual is
+    below ``_TOL`` times the Ritz gap of its component; ``None`` when that does not happen in
+    ``max_iter`` steps (``exact``) or the Krylov space turns (numerically) invariant. With
+    ``exact=False`` the last step's Ritz pairs are returned: float32 (``dtype``) is then enough.
+    The Krylov vectors are kept as rows ``(m, D)``: every product has a wide right-hand side.
     """
     d, m = mom.d, mom.m
     max_iter = _MAX_ITER if max_iter is None else max_iter
-    b = -(-(k + _OVERSAMPLE) // 4) * 4  # block size, a multiple of 4 (BLAS-friendly shapes)
+    b = -(-(k + _OVERSAMPLE) // 4) * 4  # block size, a multiple of 4
     if b >= d or k >= m:
         return None  # the full eigh is as cheap, or the spectrum is degenerate
     cap = min(d, _KRYLOV_BLOCKS * b)
-    rows = torch.linalg.qr(_start_block(d, b, init, generator, mom.x.device)).Q.T  # (b, D)
+    rows = torch.linalg.qr(_start_block(d, b, init, generator, mom.x.device).to(dtype)).Q.T  # (b, D)
     basis, image = rows, mom.times(rows)  # (m, D) each: the Krylov basis and C times it
     for step in range(max_iter):
         t = basis @ image.T  # (m, m)
         theta, w = torch.linalg.eigh((t + t.T) / 2)
         theta, w = theta.flip(0), w.flip(1)  # decreasing Ritz values
         vecs = w[:, :k].T @ basis  # (k, D) Ritz vectors
+        if not exact and step == max_iter - 1:
+            return vecs.T, theta[:k].clamp_min(0)
         res = (w[:, :k].T @ image - theta[:k, None] * vecs).norm(dim=1)  # (k,)
         gaps = theta[:-1] - theta[1:]  # gap to the next Ritz value
         gap = torch.minimum(gaps[:k], torch.cat([gaps.new_full((1,), torch.inf), gaps[:k - 1]]))
-        if bool((res <= _TOL * gap).all()) or basis.shape[0] >= d or (not exact and step == max_iter - 1):
+        if bool((res <= _TOL * gap).all()) or basis.shape[0] >= d:
             return vecs.T, theta[:k].clamp_min(0)
         if step == max_iter - 1:
             return None
@@ -409,7 +395,7 @@ def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generat
         new = new - (new @ basis.T) @ basis
         new = new - (new @ basis.T) @ basis  # twice is enough (Kahan)
         rows = torch.linalg.qr(new.T).Q.T
-        if bool(((rows @ basis.T).abs() > _ORTHO_TOL).any()):
+        if bool(((rows @ basis.T).abs() > torch.finfo(dtype).eps ** 0.5).any()):
             return None  # breakdown: the Krylov space is (numerically) invariant
         basis, image = torch.cat([basis, rows]), torch.cat([image, mom.times(rows)])
     return None
@@ -445,11 +431,14 @@ def _align_signs(basis: Tensor, ref: Tensor) -> Tensor:
 # ---------------------------------------------------------------- background modes
 
 
-def _colour_basis(mom: _Moments, fg: Tensor, k: int, prev: PCAState | None,
-                  freeze: bool) -> tuple[Tensor, Tensor]:
+def _colour_basis(mom: _Moments, fg: Tensor, k: int, prev: PCAState | None, freeze: bool,
+                  directions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The colour fit on the tokens ``fg``, warm-started from the previous basis and then ``directions``."""
     if freeze:
         return prev.mean, prev.basis
-    mean, basis, _ = _fit_moments(mom.restrict(fg), k, "auto", None if prev is None else prev.basis)
+    starts = [t for t in (None if prev is None else prev.basis, directions) if t is not None]
+    init = torch.cat([t.to(torch.float64) for t in starts], 1) if starts else None
+    mean, basis, _ = _fit_moments(mom.restrict(fg), k, "auto", init)
     if prev is not None:
         basis = _align_signs(basis, prev.basis)
     return mean, basis
@@ -501,22 +490,26 @@ def _background_low(xc: Tensor, direction: Tensor) -> Tensor:
     return torch.where(spread_upper < spread_lower, -direction, direction)
 
 
-def _inliers(mom: _Moments) -> Tensor:
-    """Leave out the 5% of tokens with the largest robust (median/MAD) Mahalanobis distance."""
+def _inliers(mom: _Moments) -> tuple[Tensor, Tensor | None]:
+    """Leave out the 5% of tokens with the largest robust (median/MAD) Mahalanobis distance.
+
+    Returns the inlier mask ``(M,)`` and the approximate top directions ``(D, r)`` it used
+    (a warm start for the colour fit on the inliers), or None when no token is left out.
+    """
     m, d = mom.m, mom.d
     n_out = m * _OUTLIER_PERCENT // 100
     keep = torch.ones(m, dtype=torch.bool, device=mom.x.device)
     if n_out == 0:
-        return keep
+        return keep, None
     r = min(_OUTLIER_DIMS, d, m - 1)
-    out = _krylov(mom, r, None, None, max_iter=_OUTLIER_ITERS, exact=False) or _eigh(mom, r)
-    z = _matmul(mom.xc, out[0])  # (M, r) coordinates on the top-r directions
+    out = _krylov(mom, r, None, None, max_iter=_OUTLIER_ITERS, exact=False, dtype=torch.float32) or _eigh(mom, r)
+    z = _project(mom.xc, out[0])  # (M, r) coordinates on the top-r directions
     dev = (z - z.median(0).values).abs()  # (M, r)
     mad = dev.median(0).values * _MAD_TO_STD  # (r,)
     scale = torch.where(mad > 0, mad, mad.max()).clamp_min(torch.finfo(z.dtype).tiny)
     dist = (dev / scale).norm(dim=1)  # (M,)
     keep[torch.argsort(dist, descending=True, stable=True)[:n_out]] = False
-    return keep
+    return keep, out[0]
 
 
 # ---------------------------------------------------------------- colours
@@ -575,6 +568,13 @@ def _matmul_dtype(device: torch.device) -> torch.dtype:
 def _matmul(a: Tensor, b: Tensor) -> Tensor:
     dtype = _matmul_dtype(a.device)
     return (a.to(dtype) @ b.to(dtype)).float()
+
+
+def _project(xc: Tensor, basis: Tensor) -> Tensor:
+    """``xc (M, D) @ basis (D, K)`` as ``(basis^T xc^T)^T``: the same product, but MKL runs a tall
+    matrix times a few columns several times slower than a few rows times a wide matrix."""
+    dtype = _matmul_dtype(xc.device)
+    return (basis.T.to(dtype) @ xc.to(dtype).T).T.float()  # (M, K)
 
 
 def _check_floating(x: Tensor, name: str) -> None:

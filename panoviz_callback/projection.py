@@ -310,17 +310,25 @@ def _erp_coords(
 
 
 def _bilinear_taps(px: Tensor, py: Tensor, erp_h: int, erp_w: int) -> tuple[Tensor, Tensor, Tensor]:
-    """ERP rows, columns and weights, each ``(N, 4)`` float64 in the order (top-left, top-right,
-    bottom-left, bottom-right), of the bilinear neighbours of ``(N,)`` float64 coordinates, wrapped
-    across the seam and over the poles (see ``Convention:``). Rows and columns are whole numbers."""
+    """ERP rows, columns and weights, each ``(4, N)`` float64 (top-left, top-right, bottom-left,
+    bottom-right), of the bilinear neighbours of ``(N,)`` float64 coordinates in
+    ``[-0.5, W - 0.5] x [-0.5, H - 0.5]``, wrapped across the seam and over the poles (see
+    ``Convention:``). Rows and columns are whole numbers."""
     x0, y0 = px.floor(), py.floor()
     wx, wy = px - x0, py - y0
-    ys = torch.stack([y0, y0 + 1], dim=-1)  # (N, 2)
-    shift = torch.where((ys < 0) | (ys > erp_h - 1), float(erp_w // 2), 0.0)  # across a pole: W // 2 columns on
-    cols = (torch.stack([x0, x0 + 1], dim=-1)[:, None, :] - shift[:, :, None]).remainder_(erp_w)  # (N, 2, 2)
-    rows = ys.clamp_(0, erp_h - 1)[:, :, None].expand(-1, -1, 2)  # (N, 2, 2)
-    wts = torch.stack([1 - wy, wy], dim=-1)[:, :, None] * torch.stack([1 - wx, wx], dim=-1)[:, None, :]
-    return rows.reshape(-1, 4), cols.reshape(-1, 4), wts.reshape(-1, 4)
+    rows, cols, wts = px.new_empty(3, 4, px.numel()).unbind(0)  # (4, N) each
+    for dy in (0, 1):
+        yy = y0 + dy
+        c0 = x0.where((yy >= 0) & (yy <= erp_h - 1), x0 - erp_w // 2)  # across a pole: W // 2 columns on
+        c0 = c0.where(c0 >= 0, c0 + erp_w)  # in [0, W - 1]
+        c1 = (c0 + 1).where(c0 < erp_w - 1, c0 + (1 - erp_w))
+        torch.clamp(yy, 0, erp_h - 1, out=rows[2 * dy])
+        rows[2 * dy + 1] = rows[2 * dy]
+        cols[2 * dy], cols[2 * dy + 1] = c0, c1
+        wy_k = wy if dy else 1 - wy
+        torch.mul(wy_k, 1 - wx, out=wts[2 * dy])
+        torch.mul(wy_k, wx, out=wts[2 * dy + 1])
+    return rows, cols, wts
 
 
 @lru_cache(maxsize=_CACHE_SIZE)
@@ -333,7 +341,7 @@ def _perspective_sampler(
     grid = torch.stack([(px + 0.5) / erp_w * 2 - 1, (py + 0.5) / erp_h * 2 - 1], dim=-1)  # (V, h, w, 2)
     px, py = px.reshape(-1), py.reshape(-1)
     fix = torch.nonzero((px < 0) | (px > erp_w - 1) | (py < 0) | (py > erp_h - 1)).squeeze(1)
-    rows, cols, wts = _bilinear_taps(px[fix], py[fix], erp_h, erp_w)  # (M, 4)
+    rows, cols, wts = (t.T for t in _bilinear_taps(px[fix], py[fix], erp_h, erp_w))  # (M, 4)
     dev = torch.device(device)
     return _Sampler(
         grid.to(dev, dtype), (fix // (h * w)).to(dev), (fix % (h * w)).to(dev), rows.to(dev, torch.long),
@@ -349,13 +357,13 @@ def _perspective_taps(
     """Bilinear taps of perspective views ``(yaw, pitch, hfov, vfov)`` for a gather from an
     ``(H * W, C)`` panorama."""
     px, py = _erp_coords(views, h, w, erp_h, erp_w)
-    rows, cols, wts = _bilinear_taps(px.reshape(-1), py.reshape(-1), erp_h, erp_w)  # (N, 4)
+    rows, cols, wts = _bilinear_taps(px.reshape(-1), py.reshape(-1), erp_h, erp_w)  # (4, N)
     index_dtype = torch.int32 if erp_h * erp_w < 2**31 else torch.int64
+    index = rows.mul_(erp_w).add_(cols).to(index_dtype)  # (4, N), exact: whole numbers below 2**53
     dev = torch.device(device)
-    return _Taps(
-        (rows * erp_w + cols).reshape(-1).to(dev, index_dtype),  # exact: whole numbers below 2**53
-        torch.arange(0, rows.numel() + 1, 4, dtype=index_dtype, device=dev),
-        wts.reshape(-1).to(dev, dtype),
+    return _Taps(  # pixel-major (N, 4); a transposing copy between equal dtypes takes the fast blocked path
+        index.T.contiguous().reshape(-1).to(dev), torch.arange(0, index.numel() + 1, 4, dtype=index_dtype, device=dev),
+        wts.to(dtype).T.contiguous().reshape(-1).to(dev),
     )
 
 
@@ -438,9 +446,10 @@ def erp_to_perspective(
 
     All views are sampled by one batched op on the panorama's device, with no copy of the panorama:
     an ``embedding_bag`` gather of the 4 bilinear neighbours when the panorama lies in channels-last
-    memory (the fastest: a ``(C, H, W)`` view of ``(H, W, C)`` memory, e.g. ``torch.from_numpy(hwc)
-    .permute(2, 0, 1)``), else ``grid_sample``. The taps / sampling grid are cached per (geometry,
-    sizes, device, dtype). Seamless across the +-180 deg seam and over the poles. Like ``e2p`` there is no antialiasing (a 224 px, 90 deg view of a 2048 px panorama
+    memory (the fastest: a ``(C, H, W)`` view of ``(H, W, C)`` memory, e.g.
+    ``torch.from_numpy(hwc).permute(2, 0, 1)``), else ``grid_sample``. The taps / sampling grid are
+    cached per (geometry, sizes, device, dtype). Seamless across the +-180 deg seam and over the
+    poles. Like ``e2p`` there is no antialiasing (a 224 px, 90 deg view of a 2048 px panorama
     samples every ~3rd pixel). See the module's ``Convention:`` block.
 
     Args:
@@ -495,9 +504,10 @@ def sample_views(
     """Render square views of any camera kind from an equirectangular panorama.
 
     Perspective cameras (tile/face) are sampled together in one batched op as in
-    :func:`erp_to_perspective` (no antialiasing, like py360convert); windows are crops of whole ERP pixels (wrapping around the
-    seam; a window camera is snapped to pixel edges) resized to ``S`` with antialiasing; the global
-    view is the whole ERP resized with antialiasing and letterboxed (black bars).
+    :func:`erp_to_perspective` (no antialiasing, like py360convert); windows are crops of whole ERP
+    pixels (wrapping around the seam; a window camera is snapped to pixel edges) resized to ``S``
+    with antialiasing; the global view is the whole ERP resized with antialiasing and letterboxed
+    (black bars).
 
     Args:
         pano: ``(C, H, W)`` or ``(B, C, H, W)`` floating point panorama(s).

@@ -7,6 +7,7 @@ from conftest import SHARED_PANORAMAS
 
 from panoviz_callback.projection import (
     _perspective_sampler,
+    _perspective_taps,
     camera_rotation,
     direction_to_lonlat,
     direction_to_pixel,
@@ -41,11 +42,19 @@ def _coordinate_panorama(height: int = 128) -> torch.Tensor:
     return torch.stack([xs, ys, torch.zeros_like(xs)])
 
 
+def _channels_last(pano: torch.Tensor) -> torch.Tensor:
+    """The same values in (..., H, W, C) memory, as from numpy/PIL, viewed as (..., C, H, W)."""
+    return pano.movedim(-3, -1).contiguous().movedim(-1, -3)
+
+
 def test_smoke(device, textured_panorama):
     pano = textured_panorama(64).float().to(device)
     out = erp_to_perspective(pano, 30.0, -10.0, 90.0, (24, 32))
     assert out.shape == (3, 24, 32) and out.device.type == device.type
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    gathered = erp_to_perspective(_channels_last(pano), [30.0, 180.0], [-10.0, 85.0], 90.0, (24, 32))  # taps path
+    assert gathered.shape == (2, 3, 24, 32) and gathered.device.type == device.type and gathered.is_contiguous()
+    _assert_close(gathered, erp_to_perspective(pano, [30.0, 180.0], [-10.0, 85.0], 90.0, (24, 32)), atol=5e-5)
 
 
 def test_cardinality(textured_panorama):
@@ -60,13 +69,23 @@ def test_cardinality(textured_panorama):
     _assert_close(views[1], erp_to_perspective(1 - pano, [0, 120, 240], [0, 10, 20], (100, 60), (12, 16)))
 
 
-def test_memory_layout(textured_panorama):
-    """A panorama backed by (H, W, C) memory (as from numpy/PIL) gives the same views, seams included."""
-    pano = textured_panorama(32).float()
-    hwc = pano.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # (C, H, W) view of channels-last memory
-    yaws, pitches = [180.0, 0.0, -179.0], [0.0, 89.0, -80.0]
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-12), (torch.float32, 5e-5)])
+def test_memory_layout(textured_panorama, dtype, atol):
+    """A panorama backed by (H, W, C) memory (sampled by the cached-taps gather) gives the same
+    views as a planar one (grid_sample), seams and poles included; float32 differs only by
+    grid_sample's float32 coordinates."""
+    pano = textured_panorama(32).to(dtype)
+    hwc = _channels_last(pano)
+    yaws, pitches = [180.0, 0.0, -179.0, 45.0], [0.0, 89.0, -80.0, -90.0]
     expected = erp_to_perspective(pano, yaws, pitches, 90, (16, 16))
-    _assert_close(erp_to_perspective(hwc, yaws, pitches, 90, (16, 16)), expected)
+    actual = erp_to_perspective(hwc, yaws, pitches, 90, (16, 16))
+    assert actual.is_contiguous() and actual.dtype == dtype
+    _assert_close(actual, expected, atol=atol)
+    batch = torch.stack([pano, 1 - pano])  # (B, C, H, W)
+    _assert_close(erp_to_perspective(_channels_last(batch), yaws, pitches, 90, (16, 16)),
+                  erp_to_perspective(batch, yaws, pitches, 90, (16, 16)), atol=atol)
+    nearest = erp_to_perspective(hwc, yaws, pitches, 90, (16, 16), mode="nearest")
+    _assert_close(nearest, erp_to_perspective(pano, yaws, pitches, 90, (16, 16), mode="nearest"), atol=0)
 
 
 @pytest.mark.parametrize(
@@ -81,8 +100,10 @@ def test_memory_layout(textured_panorama):
         (179.9, 85, 150, (64, 64)),  # seam and pole together
     ],
 )
-def test_agreement_with_py360convert(textured_panorama, yaw, pitch, fov, hw):
+@pytest.mark.parametrize("layout", ["CHW", "HWC"])
+def test_agreement_with_py360convert(textured_panorama, yaw, pitch, fov, hw, layout):
     pano = textured_panorama(128, seed=3, max_freq=12.0)
+    pano = pano if layout == "CHW" else _channels_last(pano)
     ref = _e2p_reference(pano, fov, yaw, pitch, hw)
     ours = erp_to_perspective(pano, yaw, pitch, fov, hw)
     diff = (ours - ref).abs()[:, 1:-1, 1:-1]
@@ -97,13 +118,15 @@ def test_agreement_with_py360convert_on_photographs():
     for path in sorted(SHARED_PANORAMAS.glob("*.jpg")):
         with Image.open(path) as img:
             arr = np.asarray(img.convert("RGB").resize((1024, 512)), dtype=np.float32) / 255
-        pano = torch.from_numpy(arr).permute(2, 0, 1)
+        pano = torch.from_numpy(arr).permute(2, 0, 1)  # (C, H, W) view of (H, W, C) memory
         yaws, pitches = [0.0, 135.0, 180.0, -100.0], [0.0, 30.0, -60.0, 80.0]
-        ours = erp_to_perspective(pano, yaws, pitches, 90.0, (96, 96))
-        for k, (yaw, pitch) in enumerate(zip(yaws, pitches)):
-            ref = _e2p_reference(pano, 90.0, yaw, pitch, (96, 96))
-            diff = (ours[k] - ref).abs()[:, 2:-2, 2:-2]
-            assert diff.mean() < 0.01, (path.name, yaw, pitch, float(diff.mean()))
+        for layout in (pano, pano.contiguous()):
+            ours = erp_to_perspective(layout, yaws, pitches, 90.0, (96, 96))
+            for k, (yaw, pitch) in enumerate(zip(yaws, pitches)):
+                ref = _e2p_reference(pano, 90.0, yaw, pitch, (96, 96))
+                diff = (ours[k] - ref).abs()[:, 2:-2, 2:-2]
+                assert diff.mean() < 0.01, (path.name, yaw, pitch, float(diff.mean()))
+                assert diff.max() < 2e-4, (path.name, yaw, pitch, float(diff.max()))
 
 
 def test_convention_coordinates():
@@ -214,12 +237,14 @@ def test_window_and_global_views(textured_panorama):
     _assert_close(out[2], erp_to_perspective(pano, 0.0, 0.0, 90.0, (16, 16)))
 
 
-def test_grid_cache(textured_panorama):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grid_cache(textured_panorama, channels_last):
     pano = textured_panorama(32).float()
+    pano, cache = (_channels_last(pano), _perspective_taps) if channels_last else (pano, _perspective_sampler)
     first = erp_to_perspective(pano, [1.0, 2.0], 3.0, 77.0, (8, 8))
-    hits = _perspective_sampler.cache_info().hits
+    hits = cache.cache_info().hits
     second = erp_to_perspective(pano, [1.0, 2.0], 3.0, 77.0, (8, 8))
-    assert _perspective_sampler.cache_info().hits == hits + 1
+    assert cache.cache_info().hits == hits + 1
     _assert_close(first, second, atol=0)
 
 

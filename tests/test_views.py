@@ -129,6 +129,16 @@ def test_viewset_to_and_len(device, textured_panorama):
     assert moved.cameras == vs.cameras and moved.pairs == vs.pairs and vs.pixels.device.type == "cpu"
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_channels_last_panorama(textured_panorama, strategy):
+    """A panorama in (H, W, C) memory (as from numpy/PIL) gives the same, contiguous views."""
+    pano = textured_panorama(32).float()
+    hwc = pano.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    vs = make_views(hwc, strategy, image_size=16)
+    assert vs.pixels.is_contiguous()
+    assert _max_diff(vs.pixels, make_views(pano, strategy, image_size=16).pixels) < 5e-5
+
+
 def test_uint8_panorama(textured_panorama):
     pano = textured_panorama(32).float()
     as_bytes = (pano * 255).round().to(torch.uint8)
