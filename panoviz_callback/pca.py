@@ -34,6 +34,7 @@ Convention:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -55,6 +56,8 @@ _OVERSAMPLE = 8              # block size k + 8 (rounded up to a multiple of 4)
 _TOL = 1e-5                  # stop when residual_j <= _TOL * eigengap_j (sin(angle) bound)
 _MAX_ITER = 40               # Krylov steps, then fall back to eigh
 _KRYLOV_BLOCKS = 10          # restart when the Krylov basis reaches 10 blocks
+_STALL = 0.5                 # residual/gap below 1e-3 and shrinking by less than 2x in a step:
+_STALL_BELOW = 1e-3          # the float32 products stall, go on in float64
 _GRAM_BLOCKS = 4             # the scatter product in 4 x 4 blocks, upper triangle only
 _GRAM_BLOCK_MIN = 256
 _AUTO_MIN_DIM = 512          # "auto": Krylov for D >= 512 and k <= 32, else eigh
@@ -62,8 +65,8 @@ _AUTO_MAX_K = 32
 _QUANTILES = (0.02, 0.98)
 _OUTLIER_PERCENT = 5
 _OUTLIER_DIMS = 16
-_OUTLIER_ITERS = 4           # Krylov steps: the approximate top-16 subspace ranks outliers (on ViT-B
-                             # features the same 5% as a full eigh)
+_OUTLIER_ITERS = 4           # float32 Krylov steps on 16 + 4 vectors: the approximate top-16 directions
+_OUTLIER_OVERSAMPLE = 4      # rank the same 5% of outliers as a full eigh on ViT-B features
 _MAD_TO_STD = 1.4826
 _STATE_VERSION = 1
 
@@ -309,14 +312,20 @@ class _Moments:
         """``(D, D)`` float64 scatter matrix of the centred rows (a matmul-dtype product)."""
         return _gram(self.xc).double()
 
-    def times(self, rows: Tensor) -> Tensor:
-        """``rows (b, D) @ C`` for the covariance ``C``, in the dtype of ``rows`` (float32 or float64)."""
-        xc = self.xc64 if rows.dtype == torch.float64 else self.xc
+    def times(self, rows: Tensor, precise: bool = False) -> Tensor:
+        """``rows (b, D) @ C`` for the covariance ``C``, in the dtype of ``rows``.
+
+        The two products with the tokens run in the matmul dtype (float32 on the CPU), or in
+        float64 with ``precise``.
+        """
+        xc = self.xc64 if precise else self.xc
         return ((rows.to(xc.dtype) @ xc.T) @ xc).to(rows.dtype) / (self.m - 1)
 
     def restrict(self, keep: Tensor) -> _Moments:
         """The moments of the rows where ``keep`` is true."""
-        return self if bool(keep.all()) else _Moments(self.x[keep])
+        if bool(keep.all()):
+            return self
+        return _Moments(self.x.index_select(0, keep.nonzero()[:, 0]))
 
 
 def _gram(xc: Tensor) -> Tensor:
@@ -355,22 +364,25 @@ def _eigh(mom: _Moments, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generator | None, *,
-            max_iter: int | None = None, exact: bool = True,
-            dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor] | None:
+            max_iter: int | None = None, exact: bool = True, dtype: torch.dtype = torch.float64,
+            oversample: int = _OVERSAMPLE) -> tuple[Tensor, Tensor] | None:
     """Block Krylov (block Lanczos, full reorthogonalisation) with Rayleigh-Ritz at every step.
 
     Returns the top-``k`` Ritz vectors ``(D, k)`` and values ``(k,)`` once every residual is
     below ``_TOL`` times the Ritz gap of its component; ``None`` when that does not happen in
     ``max_iter`` steps (``exact``) or the Krylov space turns (numerically) invariant. With
-    ``exact=False`` the last step's Ritz pairs are returned: float32 (``dtype``) is then enough.
-    The Krylov vectors are kept as rows ``(m, D)``: every product has a wide right-hand side.
+    ``exact=False`` the last step's Ritz pairs are returned (then ``dtype=float32`` is enough).
+    The Krylov vectors are kept as rows ``(m, D)``, so every product has a wide right-hand side.
+    The products with the tokens run in float32 (residuals then stall near 1e-7 of the gap, far
+    below ``_TOL``); should they stall above ``_TOL`` (a tiny gap), the iteration goes on in float64.
     """
     d, m = mom.d, mom.m
     max_iter = _MAX_ITER if max_iter is None else max_iter
-    b = -(-(k + _OVERSAMPLE) // 4) * 4  # block size, a multiple of 4
+    b = -(-(k + oversample) // 4) * 4  # block size, a multiple of 4
     if b >= d or k >= m:
         return None  # the full eigh is as cheap, or the spectrum is degenerate
     cap = min(d, _KRYLOV_BLOCKS * b)
+    precise, last = False, math.inf
     rows = torch.linalg.qr(_start_block(d, b, init, generator, mom.x.device).to(dtype)).Q.T  # (b, D)
     basis, image = rows, mom.times(rows)  # (m, D) each: the Krylov basis and C times it
     for step in range(max_iter):
@@ -387,9 +399,14 @@ def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generat
             return vecs.T, theta[:k].clamp_min(0)
         if step == max_iter - 1:
             return None
+        ratio = float((res / gap).max())
+        if exact and not precise and _TOL < ratio < _STALL_BELOW and ratio > _STALL * last:  # float32 stalls
+            precise = True
+            image = mom.times(basis, precise=True)
+        last = ratio
         if basis.shape[0] >= cap:  # restart from the leading Ritz vectors
             rows = torch.linalg.qr((w[:, :b].T @ basis).T).Q.T
-            basis, image = rows, mom.times(rows)
+            basis, image = rows, mom.times(rows, precise)
             continue
         new = image[-b:][: cap - basis.shape[0]]  # C times the newest block, (b', D)
         new = new - (new @ basis.T) @ basis
@@ -397,7 +414,7 @@ def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generat
         rows = torch.linalg.qr(new.T).Q.T
         if bool(((rows @ basis.T).abs() > torch.finfo(dtype).eps ** 0.5).any()):
             return None  # breakdown: the Krylov space is (numerically) invariant
-        basis, image = torch.cat([basis, rows]), torch.cat([image, mom.times(rows)])
+        basis, image = torch.cat([basis, rows]), torch.cat([image, mom.times(rows, precise)])
     return None
 
 
@@ -502,7 +519,8 @@ def _inliers(mom: _Moments) -> tuple[Tensor, Tensor | None]:
     if n_out == 0:
         return keep, None
     r = min(_OUTLIER_DIMS, d, m - 1)
-    out = _krylov(mom, r, None, None, max_iter=_OUTLIER_ITERS, exact=False, dtype=torch.float32) or _eigh(mom, r)
+    out = _krylov(mom, r, None, None, max_iter=_OUTLIER_ITERS, exact=False, dtype=torch.float32,
+                  oversample=_OUTLIER_OVERSAMPLE) or _eigh(mom, r)
     z = _project(mom.xc, out[0])  # (M, r) coordinates on the top-r directions
     dev = (z - z.median(0).values).abs()  # (M, r)
     mad = dev.median(0).values * _MAD_TO_STD  # (r,)
