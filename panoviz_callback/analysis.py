@@ -464,8 +464,8 @@ class Analyzer:
                     out["hungarian_accuracy"] = MetricResult(skipped=reason)
                 else:
                     with timer(f"{name}/hungarian_accuracy"):
-                        values = [_m.hungarian_accuracy(cols, ci, cj, grid) if ok else math.nan
-                                  for cols, (ci, cj), ok in zip(assignments, corr, overlaps)]
+                        values = _m._hungarian_accuracy_views(assignments, [c[0] for c in corr],
+                                                              [c[1] for c in corr], grid).tolist()
                     out["hungarian_accuracy"] = MetricResult.from_values(values, no_overlap_reason)
         # CKA: centred Gram matrices once per view (shared by both), unless only the linear CKA
         # is wanted and the feature form is cheaper (N >= D)
