@@ -16,8 +16,10 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -241,15 +243,22 @@ def _hungarian_views(units: Tensor, idx_i: Tensor, idx_j: Tensor) -> tuple[Tenso
     for p, (i, j) in enumerate(zip(idx_i.tolist(), idx_j.tolist())):
         torch.mm(units[i], units[j].T, out=sims[p])  # (N, N), no gathered copies of the tokens
     sims_np = sims.detach().cpu().double().numpy()
-    means = torch.empty(n_pairs, dtype=torch.float64)
-    cols_all = torch.empty(n_pairs, n, dtype=torch.long)
-    for p in range(n_pairs):
-        cost = sims_np[p].max(1, keepdims=True) - sims_np[p]  # >= 0, a zero in every row
+
+    def solve(sim: np.ndarray) -> tuple[float, np.ndarray]:  # NumPy and scipy only (no torch ops in threads)
+        cost = sim.max(1, keepdims=True) - sim  # >= 0, a zero in every row
         cost -= cost.min(0, keepdims=True)  # and in every column
         rows, cols = linear_sum_assignment(cost)  # rows == arange(N): the matrix is square
-        means[p] = float(sims_np[p][rows, cols].mean())
-        cols_all[p] = torch.from_numpy(cols)
-    return means.float().to(units.device), cols_all.to(units.device)
+        return float(sim[rows, cols].mean()), cols
+
+    workers = min(torch.get_num_threads(), n_pairs)
+    if workers > 1:  # scipy releases the GIL while it solves: use the CPU threads torch may use
+        with ThreadPoolExecutor(workers) as pool:
+            solved = list(pool.map(solve, sims_np))
+    else:
+        solved = [solve(sim) for sim in sims_np]
+    means = torch.tensor([m for m, _ in solved], dtype=torch.float32, device=units.device)
+    cols = torch.from_numpy(np.stack([c for _, c in solved])).to(device=units.device, dtype=torch.long)
+    return means, cols.reshape(n_pairs, n)
 
 
 def _hungarian_accuracy_views(assignments: Tensor, idx_a: Sequence[Tensor], idx_b: Sequence[Tensor],
@@ -535,12 +544,36 @@ def ssim(
     _check_range(sigma, "sigma", 0, None, low_inclusive=False)
     win = _gaussian_window(sigma, img_a.device)
     k, r = win.numel(), win.numel() // 2
-    chans, (h, w) = img_a.shape[1], img_a.shape[2:]
+    h, w = img_a.shape[2:]
     if h < k or w < k:
         raise ValueError(f"Expected images of at least {k} x {k} px for the SSIM window, got {h} x {w}.")
     _check_mask(mask, img_a)
 
     a, b = img_a.float(), img_b.float()
+    valid = None  # (P, h-2r, w-2r): the valid positions that count
+    if mask is not None:
+        if erode_mask:
+            outside = F.max_pool2d((~mask).float()[:, None], kernel_size=(k, 1), stride=1)  # separable: the same
+            valid = F.max_pool2d(outside, kernel_size=(1, k), stride=1)[:, 0] == 0
+        else:
+            valid = mask[:, r : h - r, r : w - r]
+        rows, cols = valid.any(2).any(0).nonzero()[:, 0], valid.any(1).any(0).nonzero()[:, 0]
+        if len(rows) == 0:
+            return torch.full((a.shape[0],), math.nan, dtype=torch.float32, device=a.device)
+        # only the bounding box of the valid positions is filtered (each SSIM value depends on its window only)
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        a, b = a[..., y0 : y1 + 2 * r, x0 : x1 + 2 * r], b[..., y0 : y1 + 2 * r, x0 : x1 + 2 * r]
+        valid = valid[:, y0:y1, x0:x1]
+    smap = _ssim_map(a, b, win, data_range)  # (P, h', w')
+    if valid is None:
+        return smap.mean((1, 2))
+    valid = valid.float()
+    return (smap * valid).sum((1, 2)) / valid.sum((1, 2))  # 0 / 0 = NaN for an empty mask
+
+
+def _ssim_map(a: Tensor, b: Tensor, win: Tensor, data_range: float) -> Tensor:
+    """SSIM map averaged over channels at the valid positions: ``(P, C, h, w) -> (P, h - 2r, w - 2r)``."""
+    chans, k = a.shape[1], win.numel()
     stats = torch.cat([a, b, a * a, b * b, a * b], dim=1)  # (P, 5C, h, w)
     groups = stats.shape[1]
     stats = F.conv2d(stats, win.view(1, 1, k, 1).expand(groups, 1, k, 1), groups=groups)
@@ -549,17 +582,7 @@ def ssim(
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     var_a, var_b, cov = e_aa - mu_a * mu_a, e_bb - mu_b * mu_b, e_ab - mu_a * mu_b
     smap = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    smap = smap.mean(1)  # (P, h-2r, w-2r)
-    if mask is None:
-        return smap.mean((1, 2))
-    if erode_mask:
-        outside = F.max_pool2d((~mask).float()[:, None], kernel_size=(k, 1), stride=1)  # separable: the same
-        outside = F.max_pool2d(outside, kernel_size=(1, k), stride=1)[:, 0]  # (P, h-2r, w-2r)
-        valid = outside == 0
-    else:
-        valid = mask[:, r : h - r, r : w - r]
-    valid = valid.float()
-    return (smap * valid).sum((1, 2)) / valid.sum((1, 2))  # 0 / 0 = NaN for an empty mask
+    return smap.mean(1)
 
 
 _LPIPS_NETS = ("alex", "vgg", "squeeze")
