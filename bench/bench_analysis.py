@@ -298,21 +298,31 @@ def _min_total(runs: dict[str, list[float]], stages=STAGES) -> float:
     return min(sum(vals) for vals in zip(*(runs[s] for s in stages)))
 
 
+def _settle() -> None:
+    """Let the worker threads of the other library (OpenMP, OpenBLAS) stop spinning before the next timing."""
+    time.sleep(0.3)
+
+
 def compare(views, tokens, grid, forward, args) -> None:
     """Run both pipelines ``--repeats`` times, interleaved, and print the table and the ratios."""
+    _settle()
     cold, result = run_ours(views, tokens, args.bg_removal)
     metric_images = _metric_inputs(result, views)
     run_original(views, tokens, args.bg_removal, grid, metric_images)  # warm-up (imports)
     ours_runs, warm_runs, orig_runs = defaultdict(list), defaultdict(list), defaultdict(list)
     warm_analyzer = make_analyzer(args.bg_removal, stable_colors=True)
     run_ours(views, tokens, args.bg_removal, warm_analyzer)  # leaves a PCA state, as the previous firing does
+    pause = _settle if torch.get_num_threads() > 1 else (lambda: None)
     for _ in range(args.repeats):
+        pause()
         stages, result = run_ours(views, tokens, args.bg_removal)
         for k, v in stages.items():
             ours_runs[k].append(v)
+        pause()
         stages, _ = run_ours(views, tokens, args.bg_removal, warm_analyzer)
         for k, v in stages.items():
             warm_runs[k].append(v)
+        pause()
         stages, orig_values = run_original(views, tokens, args.bg_removal, grid, metric_images)
         for k, v in stages.items():
             orig_runs[k].append(v)

@@ -25,12 +25,12 @@ from panoviz_callback import sinks
 from panoviz_callback._checks import _check_choice, _check_range, _check_shape
 from panoviz_callback._state import preserved_modes, preserved_rng
 from panoviz_callback.analysis import AnalysisResult, Analyzer
+from panoviz_callback.views import STRATEGIES
 
-__all__ = ["PanoVizCallback", "ENCODER_SEARCH", "RESAMPLER_SEARCH"]
+__all__ = ["PanoVizCallback", "ENCODER_SEARCH", "RESAMPLER_SEARCH", "find_module"]
 
 _log = logging.getLogger(__name__)
 
-_CROP_STRATEGIES = ("e2p", "anyres_e2p", "cubemap", "sliding_window")
 _HOOKS = ("train_epoch_end", "validation_epoch_end")
 _NO_RESAMPLER = ("none",)
 
@@ -151,7 +151,7 @@ class PanoVizCallback(Callback):
         strict: bool = False,
     ) -> None:
         _check_probe(probe)
-        _check_choice(crop_strategy, _CROP_STRATEGIES, "crop_strategy")
+        _check_choice(crop_strategy, STRATEGIES, "crop_strategy")
         _check_int(image_size, "image_size", 1)
         _check_int(every_n_epochs, "every_n_epochs", 1, allow_none=True)
         _check_int(every_n_train_steps, "every_n_train_steps", 1, allow_none=True)
@@ -440,13 +440,26 @@ def _load_probe(probe: Any) -> tuple[Tensor, dict[str, Any]]:
     return pano, {"kind": "path", "path": str(path), "max_width": _PROBE_MAX_WIDTH}
 
 
-def _find(root: nn.Module, spec: Any, search: Sequence[str], what: str, *, required: bool,
-          exclude: Any = None) -> tuple[Any, str | None]:
-    """Resolve ``spec`` (``"auto"``, a dotted path, a callable or None) to ``(object, path or None)``."""
-    if spec is None:
-        return None, None
-    if callable(spec) and not isinstance(spec, str):
-        return spec, None
+def find_module(root: Any, spec: str, search: Sequence[str], what: str, *, exclude: Any = None,
+                accept: Callable[[Any], bool] = callable) -> tuple[Any, str | None]:
+    """Find the ``what`` (``"encoder"`` or ``"resampler"``) of ``root`` by attribute path.
+
+    Args:
+        root: the object searched (usually a LightningModule).
+        spec: a dotted attribute path (``"model.vision_tower"``), or ``"auto"``: the first of
+            ``root.{what}_attr`` (when it is a string) and ``search`` that exists, is not
+            ``exclude`` and passes ``accept``.
+        search: attribute paths tried in order by ``"auto"``, e.g. :data:`ENCODER_SEARCH`.
+        what: the part looked for; names the ``{what}_attr`` attribute and the error message.
+        exclude: an object never returned by ``"auto"`` (the encoder, when looking for the resampler).
+        accept: the test an ``"auto"`` candidate must pass (default: :func:`callable`).
+
+    Returns:
+        ``(object, path)``, or ``(None, None)`` when ``"auto"`` finds nothing.
+
+    Raises:
+        AttributeError: the path ``spec`` does not exist on ``root``.
+    """
     if spec != "auto":
         found = _get_path(root, spec)
         if found is None:
@@ -455,12 +468,23 @@ def _find(root: nn.Module, spec: Any, search: Sequence[str], what: str, *, requi
     declared = getattr(root, f"{what}_attr", None)  # e.g. PanoVisionModule.encoder_attr
     for path in ((declared,) if isinstance(declared, str) else ()) + tuple(search):
         found = _get_path(root, path)
-        if found is not None and found is not exclude and callable(found):
+        if found is not None and found is not exclude and accept(found):
             return found, path
-    if required:
+    return None, None
+
+
+def _find(root: nn.Module, spec: Any, search: Sequence[str], what: str, *, required: bool,
+          exclude: Any = None) -> tuple[Any, str | None]:
+    """Resolve ``spec`` (``"auto"``, a dotted path, a callable or None) to ``(object, path or None)``."""
+    if spec is None:
+        return None, None
+    if callable(spec) and not isinstance(spec, str):
+        return spec, None
+    found, path = find_module(root, spec, search, what, exclude=exclude)
+    if found is None and required:
         raise AttributeError(f"could not find the vision {what} on `{type(root).__name__}`: none of "
                              f"{', '.join(search)} exists; pass `{what}='path.to.module'`.")
-    return None, None
+    return found, path
 
 
 def _get_path(root: Any, path: str) -> Any:

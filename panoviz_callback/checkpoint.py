@@ -8,7 +8,8 @@ Three kinds of checkpoints are understood (a language model is never instantiate
   from :class:`~panoviz_callback.models.PanoVisionModule` (``hyper_parameters`` with
   ``vision_name`` and ``resampler_type``, weights under ``vision_encoder.*`` /
   ``resampler.*``). A class with a ``build_vision_stage(hparams)`` method builds just the
-  two parts; any other class is handled like ``"module"``.
+  two parts (with ``pretrained=False`` when the checkpoint holds the encoder weights and the
+  method takes that argument); any other class is handled like ``"module"``.
 - ``"module"``: any LightningModule given as ``pkg.mod:Class`` (``--module``), built from
   the checkpoint's ``hyper_parameters``; the encoder/resampler attribute paths are given
   or found the way the callback finds them (the class's ``encoder_attr`` /
@@ -421,7 +422,8 @@ def build_model(spec: ModelSpec, ckpt: Mapping[str, Any], *, strict: bool = Fals
         prefixes = dict(spec.prefixes)
         try:
             if spec.kind == "panoviz":
-                encoder, resampler = spec.cls.build_vision_stage(spec.hparams)
+                encoder, resampler = _build_vision_stage(spec.cls, spec.hparams,
+                                                         _has_weights(state_dict, prefixes["encoder"]))
             else:
                 encoder, resampler = _build_panollava(spec, state_dict, log)
         except ModelSpecError:
@@ -497,26 +499,36 @@ def _build_module(spec: ModelSpec) -> tuple[nn.Module, nn.Module | None, dict[st
 
 def _resolve(root: nn.Module, path: str | None, search: tuple[str, ...], what: str,
              exclude: Any) -> tuple[Any, str | None]:
-    if path:
-        found = _get_path(root, path)
-        if not isinstance(found, nn.Module):
-            raise ModelSpecError(f"`{type(root).__name__}` has no module at `{path}` (--{what})")
-        return found, path
-    declared = getattr(root, f"{what}_attr", None)
-    for candidate in ((declared,) if isinstance(declared, str) else ()) + tuple(search):
-        found = _get_path(root, candidate)
-        if isinstance(found, nn.Module) and found is not exclude:
-            return found, candidate
-    return None, None
+    from panoviz_callback.callback import find_module
+
+    try:
+        found, path = find_module(root, path or "auto", search, what, exclude=exclude,
+                                  accept=lambda m: isinstance(m, nn.Module))
+    except AttributeError:
+        found = None
+    if path and not isinstance(found, nn.Module):
+        raise ModelSpecError(f"`{type(root).__name__}` has no module at `{path}` (--{what})")
+    return found, path
 
 
-def _get_path(root: Any, path: str) -> Any:
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+def _has_weights(state_dict: Mapping[str, Any], prefix: str | None) -> bool:
+    """True when ``state_dict`` holds a key under ``prefix``."""
+    return prefix is not None and any(k.startswith(prefix) for k in state_dict)
+
+
+def _build_vision_stage(cls: type, hparams: Mapping[str, Any], has_weights: bool) -> tuple[Any, Any]:
+    """``cls.build_vision_stage(hparams)``, skipping the pretrained encoder weights when the checkpoint has its own.
+
+    ``pretrained=False`` is passed only to a ``build_vision_stage`` that takes it.
+    """
+    build = cls.build_vision_stage
+    try:
+        params = inspect.signature(build).parameters.values()
+    except (TypeError, ValueError):
+        params = ()
+    if any(p.name == "pretrained" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return build(hparams, pretrained=not has_weights)
+    return build(hparams)
 
 
 def _build_panollava(spec: ModelSpec, state_dict: Mapping[str, Any], log: Log) -> tuple[nn.Module, nn.Module]:
@@ -524,8 +536,7 @@ def _build_panollava(spec: ModelSpec, state_dict: Mapping[str, Any], log: Log) -
     from panoviz_callback.models.resamplers import MLPResampler, build_resampler
 
     h = spec.hparams
-    has_weights = any(k.startswith(spec.prefixes["encoder"]) for k in state_dict)
-    encoder = load_vision_encoder(h["vision_name"], pretrained=not has_weights)
+    encoder = load_vision_encoder(h["vision_name"], pretrained=not _has_weights(state_dict, spec.prefixes["encoder"]))
     in_dim = _hidden_size(encoder)
     kind = str(h.get("resampler_type") or "mlp").lower()
     prefix = spec.prefixes.get("resampler")

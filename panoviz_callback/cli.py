@@ -34,6 +34,7 @@ from panoviz_callback import __version__
 
 __all__ = ["main"]
 
+# ``views.STRATEGIES``, repeated here because views imports torch and `--help` must not.
 _STRATEGIES = ("e2p", "anyres_e2p", "cubemap", "sliding_window")
 _BG_MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")
 _DEFAULT_ROOT = Path("results") / "trained_viz"

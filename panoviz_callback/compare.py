@@ -7,7 +7,6 @@ folder holds several reports, their means are averaged per metric.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from panoviz_callback._io import atomic_path, atomic_write_text
+from panoviz_callback.report import load_similarity_json
 
 __all__ = ["RunSummary", "load_run", "comparison_rows", "format_markdown", "plot_comparison", "write_comparison"]
 
@@ -45,18 +45,6 @@ def _find_reports(path: Path) -> list[Path]:
     raise ValueError(f"{path}: no such file or folder")
 
 
-def _read_report(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot be read ({err})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a similarity report (invalid JSON: {err.msg} at line {err.lineno})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("levels"), dict):
-        raise ValueError(f"{path}: not a similarity report (no 'levels' entry)")
-    return data
-
-
 def load_run(path: str | os.PathLike, label: str | None = None) -> RunSummary:
     """Read one run (a ``similarity_*.json`` or a folder of them).
 
@@ -69,7 +57,7 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> RunSummary:
         raise ValueError(f"{path}: no similarity_*.json report found in this folder")
     sums: dict[tuple[str, str], list[float]] = {}
     for report in reports:
-        for level, body in _read_report(report)["levels"].items():
+        for level, body in load_similarity_json(report)["levels"].items():
             for metric, value in (body.get("metrics") or {}).items():
                 mean = value.get("mean") if isinstance(value, dict) else None
                 if isinstance(mean, (int, float)) and math.isfinite(mean):

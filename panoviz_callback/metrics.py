@@ -6,6 +6,10 @@ signature says so. Only the Hungarian assignment leaves the device (scipy's
 ``linear_sum_assignment`` on the CPU). :class:`LPIPSMetric` is the one stateful
 shell: it builds its network once and reports itself as skipped when the
 ``lpips`` package or its backbone weights are not available.
+
+The private ``_*_views`` helpers compute the same metrics for many pairs of the ``V``
+views of one probe, doing the per-view work once (unit tokens, centred Gram matrices
+shared by both CKAs) instead of once per pair; :mod:`panoviz_callback.analysis` uses them.
 """
 
 from __future__ import annotations
@@ -239,6 +243,8 @@ def _hungarian_views(units: Tensor, idx_i: Tensor, idx_j: Tensor) -> tuple[Tenso
     from scipy.optimize import linear_sum_assignment
 
     n_pairs, n = len(idx_i), units.shape[1]
+    if n_pairs == 0:
+        return units.new_zeros(0), torch.zeros(0, n, dtype=torch.long, device=units.device)
     sims = units.new_empty(n_pairs, n, n)
     for p, (i, j) in enumerate(zip(idx_i.tolist(), idx_j.tolist())):
         torch.mm(units[i], units[j].T, out=sims[p])  # (N, N), no gathered copies of the tokens

@@ -33,7 +33,10 @@ from torch import Tensor
 
 from panoviz_callback._checks import _check_range
 
-__all__ = ["PanoramaError", "load_panorama", "synthetic_panorama"]
+__all__ = ["IMAGE_SUFFIXES", "PanoramaError", "load_panorama", "synthetic_panorama"]
+
+#: File suffixes taken as panoramas when a folder or a glob pattern is listed (the runner, ``PanoDataModule``).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 
 # Largest panorama accepted without Pillow's decompression-bomb warning (32768 x 16384).
 _MAX_PANORAMA_PIXELS = 32768 * 16384

@@ -3,7 +3,7 @@
 One PCA is fitted jointly over the tokens of all views, so one colour means one
 feature direction across views. Everything runs batched on ``feats.device`` with
 autocast and autograd off; inputs are cast to float32 and the outputs are float32.
-No global random state is read or advanced: the subspace iteration draws its start
+No global random state is read or advanced: the Krylov iteration draws its start
 from its own ``torch.Generator`` with a fixed seed.
 
 Convention:
@@ -22,13 +22,17 @@ Convention:
       ``2`` gives R, G with B = 0, ``>3`` draws the first three and keeps all K in
       the state. Background tokens (``threshold`` mode only) are drawn black.
     - Token ``n`` of a view sits at row ``n // gw``, column ``n % gw`` (row-major).
-    - Numerics: centring and the subspace iteration run in float64 (its products are
-      ``(M, D) x (D, k + 8)``, about as fast as float32 at these sizes, and free of
-      a float32 convergence floor); the covariance of the ``eigh`` path is a float32
-      product followed by a float64 ``eigh`` (~100x closer to a float64 reference
-      than a float32 ``eigh``). Where float32 matmuls are set to reduced precision
-      (TF32, ``torch.set_float32_matmul_precision("high")``) the float32 products
-      run in float64 instead.
+    - Numerics: the mean is a float64 sum. The Krylov iteration multiplies a few
+      rows by the covariance as two float32 products with the centred tokens,
+      ``((rows X_c^T) X_c) / (M - 1)``, and does everything else (orthogonalisation,
+      Rayleigh-Ritz, the residual test) in float64; the float32 products leave the
+      components within ~1e-7 of a float64 ``eigh`` (the residuals stall near 1e-7 of
+      the eigengap, far below the test's 1e-5; where they stall above it, the
+      iteration goes on with float64 products). The covariance of the ``eigh`` path
+      is a float32 product followed by a float64 ``eigh`` (~100x closer to a float64
+      reference than a float32 ``eigh``). Where float32 matmuls are set to reduced
+      precision (TF32, ``torch.set_float32_matmul_precision("high")``) the float32
+      products run in float64 instead.
 """
 
 from __future__ import annotations
@@ -55,12 +59,13 @@ _SEED = 0x5EED_C0DE          # the Krylov iteration's own generator
 _OVERSAMPLE = 8              # block size k + 8 (rounded up to a multiple of 4)
 _TOL = 1e-5                  # stop when residual_j <= _TOL * eigengap_j (sin(angle) bound)
 _MAX_ITER = 40               # Krylov steps, then fall back to eigh
-_KRYLOV_BLOCKS = 10          # restart when the Krylov basis reaches 10 blocks
+_KRYLOV_BLOCKS = 10          # restart when the Krylov basis reaches 10 blocks (and >= 96 vectors)
+_KRYLOV_MIN_DIM = 96
 _STALL = 0.5                 # residual/gap below 1e-3 and shrinking by less than 2x in a step:
 _STALL_BELOW = 1e-3          # the float32 products stall, go on in float64
 _GRAM_BLOCKS = 4             # the scatter product in 4 x 4 blocks, upper triangle only
 _GRAM_BLOCK_MIN = 256
-_AUTO_MIN_DIM = 512          # "auto": Krylov for D >= 512 and k <= 32, else eigh
+_AUTO_MIN_DIM = 256          # "auto": Krylov for D >= 256 and k <= 32, else eigh (measured crossover)
 _AUTO_MAX_K = 32
 _QUANTILES = (0.02, 0.98)
 _OUTLIER_PERCENT = 5
@@ -157,12 +162,14 @@ def fit_pca(
         k: number of components, ``1 <= k <= D``.
         method:
             - ``"eigh"``: full eigendecomposition of the ``(D, D)`` covariance (float64 ``eigh``).
-            - ``"subspace"``: block subspace iteration on ``k + 8`` vectors (QR each step,
-              Rayleigh-Ritz each step), stopped when every residual is below 1e-5 times the
-              eigengap of its component; without convergence in 40 steps it falls back to ``eigh``.
-            - ``"auto"``: ``"subspace"`` for ``D >= 512`` and ``k <= 32``, else ``"eigh"`` (the
-              subspace iteration was measured faster than ``eigh`` at D = 768..1152 with
-              M = 8 * 196 tokens, and slower at D <= 384).
+            - ``"subspace"``: block Krylov iteration (block Lanczos with full reorthogonalisation,
+              blocks of ``k + 8`` vectors, Rayleigh-Ritz each step), stopped when every residual is
+              below 1e-5 times the eigengap of its component; without convergence in 40 steps it
+              falls back to ``eigh``. Each step multiplies the block by the covariance through the
+              tokens (``O(M D (k + 8))``); the ``(D, D)`` covariance is never formed.
+            - ``"auto"``: ``"subspace"`` for ``D >= 256`` and ``k <= 32``, else ``"eigh"`` (with
+              M = 8 * 196 tokens on one CPU thread the Krylov iteration was measured 2x faster
+              than ``eigh`` at D = 256 and 10x at D = 768, and slower at D = 128).
         init_basis: ``(D, K')`` warm start for ``"subspace"`` (e.g. the previous epoch's basis);
             missing columns are random. Not used for signs.
         generator: source of the random start; default a fresh generator with a fixed seed
@@ -381,7 +388,7 @@ def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generat
     b = -(-(k + oversample) // 4) * 4  # block size, a multiple of 4
     if b >= d or k >= m:
         return None  # the full eigh is as cheap, or the spectrum is degenerate
-    cap = min(d, _KRYLOV_BLOCKS * b)
+    cap = min(d, max(_KRYLOV_BLOCKS * b, _KRYLOV_MIN_DIM))
     precise, last = False, math.inf
     rows = torch.linalg.qr(_start_block(d, b, init, generator, mom.x.device).to(dtype)).Q.T  # (b, D)
     basis, image = rows, mom.times(rows)  # (m, D) each: the Krylov basis and C times it

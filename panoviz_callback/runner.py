@@ -35,23 +35,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from panoviz_callback.panorama import IMAGE_SUFFIXES
+
 __all__ = [
     "UsageError", "ImageSource", "RunPlan", "ImageResult", "Runner", "resolve_images", "callback_probe",
     "check_output_dir", "resolve_device", "plan_run", "format_summary", "live_agreement",
 ]
 
-#: Image files taken from a folder or a glob pattern (the same as ``PanoDataModule``'s).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 #: Panorama files are downscaled on load to at most this width (the callback's probe rule).
 MAX_WIDTH = 2048
 #: Smallest panorama accepted, ``(W, H)`` in pixels.
 MIN_SIZE = (64, 32)
-_CROP_OPTIONS = {
-    "e2p": ("fov_deg", "overlap", "num_views", "patch_size"),
-    "anyres_e2p": ("fov_deg", "overlap", "num_views", "pitches", "patch_size"),
-    "cubemap": ("faces", "patch_size"),
-    "sliding_window": ("fov_deg", "overlap", "num_views", "patch_size"),
-}
 _PCA_SETTINGS = ("layer", "keep_cls_token", "n_components", "bg_removal", "bg_threshold", "normalize")
 _ANALYZER_SETTINGS = (*_PCA_SETTINGS, "metrics")
 Log = Callable[[str], None]
@@ -206,22 +200,22 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
         UsageError: an option is out of range or does not apply to the crop strategy.
     """
     from panoviz_callback.analysis import Analyzer
-    from panoviz_callback.views import make_views
+    from panoviz_callback.views import STRATEGY_OPTIONS, make_views
 
     saved = dict((callback or {}).get("settings") or {})
     geometry = dict(geometry or {})
     base = saved if callback else geometry
     base_strategy = base.get("crop_strategy") or geometry.get("crop_strategy") or "e2p"
     strategy = options.get("crop_strategy") or base_strategy
-    if strategy not in _CROP_OPTIONS:
+    if strategy not in STRATEGY_OPTIONS:
         raise UsageError(f"the checkpoint's crop strategy {strategy!r} is not supported; pass --crop_strategy "
-                         f"{{{','.join(_CROP_OPTIONS)}}}")
-    crop = {k: v for k, v in dict(base.get("crop_options") or {}).items() if k in _CROP_OPTIONS[strategy]}
+                         f"{{{','.join(STRATEGY_OPTIONS)}}}")
+    crop = {k: v for k, v in dict(base.get("crop_options") or {}).items() if k in STRATEGY_OPTIONS[strategy]}
     if strategy != base_strategy:
         crop = {k: v for k, v in crop.items() if k in ("fov_deg", "overlap", "patch_size")}
     for flag, key in (("fov", "fov_deg"), ("overlap", "overlap")):
         if options.get(flag) is not None:
-            if key not in _CROP_OPTIONS[strategy]:
+            if key not in STRATEGY_OPTIONS[strategy]:
                 raise UsageError(f"--{flag} does not apply to --crop_strategy {strategy}")
             crop[key] = float(options[flag])
             crop.pop("num_views", None)  # derived from fov and overlap

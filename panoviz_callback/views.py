@@ -34,7 +34,7 @@ from torch import Tensor
 from panoviz_callback._checks import _check_choice, _check_range
 from panoviz_callback.projection import _check_pano, _window_box, sample_views
 
-__all__ = ["Camera", "ViewSet", "make_views", "STRATEGIES"]
+__all__ = ["Camera", "ViewSet", "make_views", "STRATEGIES", "STRATEGY_OPTIONS"]
 
 STRATEGIES = ("e2p", "anyres_e2p", "cubemap", "sliding_window")
 _KINDS = ("global", "tile", "face", "window")
@@ -45,6 +45,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "cubemap": {"faces": 4, "patch_size": 16},
     "sliding_window": {"fov_deg": 90.0, "overlap": 0.5, "num_views": None, "patch_size": 16},
 }
+#: The option names each strategy accepts (``make_views(..., **options)``).
+STRATEGY_OPTIONS: dict[str, tuple[str, ...]] = {name: tuple(opts) for name, opts in _DEFAULTS.items()}
 
 
 @dataclass(frozen=True)

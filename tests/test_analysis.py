@@ -163,6 +163,35 @@ def test_convention_direction_features_overlap_beats_token_cosine(pano):
     assert abs(noise.levels["vision_encoder"].metrics["overlap_cosine"].mean) < 0.1
 
 
+@pytest.mark.parametrize(("dim", "metrics"), [(48, NO_LPIPS), (8, NO_LPIPS), (8, ["linear_cka"])])
+def test_metrics_equal_the_per_pair_functions(pano, dim, metrics):
+    """The batched per-view work (unit tokens, Gram matrices, one transfer for the Hungarian) gives the
+    values of the public per-pair functions; D = 48 > N = 16 takes the Gram form of CKA, and linear CKA
+    alone at D = 8 <= N the feature form."""
+    from panoviz_callback import metrics as m
+    from panoviz_callback.correspondence import patch_correspondence
+
+    views = make_views(pano, "e2p", image_size=64)
+    encoder = DirectionEncoder(views, dim=dim)
+    tokens = encoder.tokens
+    result = analyze(views, encoder, metrics=metrics, normalize=None).levels["vision_encoder"].metrics
+    want = {}
+    for i, j in views.pairs:
+        ci, cj = patch_correspondence(views, i, j, (4, 4))
+        cos, cols = m.hungarian_cosine(tokens[i], tokens[j])
+        values = {"token_cosine": m.token_cosine(tokens[i][None], tokens[j][None])[0],
+                  "overlap_cosine": m.overlap_cosine(tokens[i], tokens[j], ci, cj), "hungarian_cosine": cos,
+                  "hungarian_accuracy": m.hungarian_accuracy(cols, ci, cj, (4, 4)),
+                  "linear_cka": m.linear_cka(tokens[i], tokens[j]),
+                  "debiased_cka": m.debiased_cka(tokens[i], tokens[j])}
+        for name, value in values.items():
+            want.setdefault(name, []).append(float(value))
+    assert set(result) == set(metrics)
+    for name in metrics:
+        if name != "ssim":
+            assert result[name].per_pair == pytest.approx(want[name], abs=1e-5, nan_ok=True), name
+
+
 def test_to_dict_schema_and_scalars(pano, encoder):
     views = make_views(pano, "cubemap", image_size=64)
     result = analyze(views, encoder, Queries(), metrics=["token_cosine", "overlap_cosine", "ssim"])

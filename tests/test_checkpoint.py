@@ -281,6 +281,20 @@ def test_self_describing_panoviz_checkpoint(trained):
     assert build_model(spec, ckpt, strict=True).report.ok
 
 
+def test_panoviz_checkpoint_skips_pretrained_encoder_weights(trained, monkeypatch):
+    import panoviz_callback.features as features
+
+    calls, load = [], features.load_vision_encoder
+    monkeypatch.setattr(features, "load_vision_encoder", lambda *a, pretrained=True, **k: (
+        calls.append(pretrained), load(*a, pretrained=pretrained, **k))[1])
+    ckpt = read_checkpoint(trained.last)
+    build_model(describe_model(ckpt), ckpt)
+    # without encoder weights in the checkpoint the pretrained ones are kept
+    ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("vision_encoder.")}
+    build_model(describe_model(ckpt), ckpt)
+    assert calls == [False, True]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     return tiny.trained_checkpoint(tmp_path_factory)

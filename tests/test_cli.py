@@ -66,6 +66,13 @@ def test_hyphen_and_underscore_spellings():
     assert defaults.crop_strategy is None and defaults.n_components is None and not defaults.no_cls_token
 
 
+def test_crop_strategy_choices_match_views():
+    from panoviz_callback.cli import _STRATEGIES
+    from panoviz_callback.views import STRATEGIES
+
+    assert _STRATEGIES == STRATEGIES
+
+
 def test_console_script_help_and_module_version(tmp_path):
     script = shutil.which("panoviz")
     if script is None:

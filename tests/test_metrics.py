@@ -287,6 +287,64 @@ def test_cka_exceptions():
         linear_cka(torch.randn(5), torch.randn(5, 2))
 
 
+# ---------------------------------------------------------------- batched over the views of a probe (analysis)
+
+
+@pytest.mark.parametrize("d", [12, 40])  # N = 20 >= D: feature-form linear CKA; N < D: Gram form
+@pytest.mark.parametrize("threads", [1, 2])
+def test_views_helpers_equal_per_pair_functions(d, threads):
+    g = torch.Generator().manual_seed(16)
+    feats = torch.randn(5, 20, d, generator=g) + torch.randn(d, generator=g)  # (V, N, D), a shared offset
+    feats[1] = feats[0] + 0.3 * torch.randn(20, d, generator=g)  # one similar pair
+    pairs = [(0, 1), (1, 2), (2, 3), (4, 0), (3, 1)]
+    ii, jj = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
+    units = metrics._unit(feats)
+    want = torch.stack([token_cosine(feats[i][None], feats[j][None])[0] for i, j in pairs])
+    torch.testing.assert_close(metrics._token_cosine_views(units, ii, jj), want, atol=1e-6, rtol=0)
+
+    idx_a = [torch.tensor([0, 5, 7]), torch.empty(0, dtype=torch.long), torch.arange(20), torch.tensor([3]),
+             torch.tensor([1, 2])]
+    idx_b = [torch.tensor([2, 5, 19]), torch.empty(0, dtype=torch.long), torch.arange(20).flip(0), torch.tensor([3]),
+             torch.tensor([0, 9])]
+    got = metrics._overlap_cosine_views(units, ii, jj, idx_a, idx_b)
+    want = overlap_cosine_pairs(feats[ii], feats[jj], idx_a, idx_b)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0, equal_nan=True)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 2: the assignments are solved in a thread pool
+    try:
+        cos, cols = metrics._hungarian_views(units, ii, jj)
+    finally:
+        torch.set_num_threads(previous)
+    grid = (4, 5)
+    for p, (i, j) in enumerate(pairs):
+        want_cos, want_cols = hungarian_cosine(feats[i], feats[j])
+        assert torch.equal(cols[p], want_cols)
+        assert cos[p].item() == pytest.approx(want_cos.item(), abs=1e-6)
+    acc = metrics._hungarian_accuracy_views(cols, idx_a, idx_b, grid)
+    want = [hungarian_accuracy(cols[p], idx_a[p], idx_b[p], grid) for p in range(len(pairs))]
+    np.testing.assert_allclose(acc.numpy(), want, atol=1e-6)
+
+    grams = metrics._cka_grams(feats)
+    want_lin = torch.stack([linear_cka(feats[i], feats[j]) for i, j in pairs])
+    want_deb = torch.stack([debiased_cka(feats[i], feats[j]) for i, j in pairs])
+    torch.testing.assert_close(metrics._linear_cka_views(grams, ii, jj), want_lin, atol=1e-6, rtol=0)
+    torch.testing.assert_close(metrics._linear_cka_features(feats, ii, jj), want_lin, atol=1e-6, rtol=0)
+    torch.testing.assert_close(metrics._debiased_cka_views(grams, ii, jj), want_deb, atol=1e-6, rtol=0)
+
+
+def test_views_cka_golden_values():
+    np.random.seed(1337)
+    x = np.random.randn(100, 10)
+    y = np.random.randn(100, 10) + x
+    feats = torch.stack([_t(x), _t(y)]).float()  # float32 tokens: float32 Gram products
+    grams = metrics._cka_grams(feats)
+    ii, jj = torch.tensor([0]), torch.tensor([1])
+    assert metrics._linear_cka_views(grams, ii, jj).item() == pytest.approx(0.55761, abs=1e-4)
+    assert metrics._linear_cka_features(feats, ii, jj).item() == pytest.approx(0.55761, abs=1e-4)
+    assert metrics._debiased_cka_views(grams, ii, jj).item() == pytest.approx(0.51346, abs=1e-4)
+
+
 # ---------------------------------------------------------------- SSIM
 
 
@@ -347,6 +405,22 @@ def test_ssim_mask_ignores_outside_and_full_mask_equals_none():
     tiny[0, 10:14, 10:14] = True  # smaller than the window: nothing left after erosion
     out = ssim(a, b, tiny)
     assert torch.isnan(out).all()
+
+
+def test_ssim_masks_differ_per_pair():
+    """Each pair gets its own overlap (only the union's bounding box is filtered): batched == one by one."""
+    g = torch.Generator().manual_seed(12)
+    a = torch.rand(3, 3, 48, 56, generator=g)
+    b = (a + 0.2 * torch.randn(3, 3, 48, 56, generator=g)).clamp(0, 1)
+    mask = torch.zeros(3, 48, 56, dtype=torch.bool)
+    mask[0, 2:30, 30:56] = True
+    mask[1, 20:48, 0:25] = True  # pair 2: empty
+    for erode in (True, False):
+        got = ssim(a, b, mask, erode_mask=erode)
+        assert torch.isnan(got[2]) and torch.isfinite(got[:2]).all()
+        for p in range(2):
+            one = ssim(a[p : p + 1], b[p : p + 1], mask[p : p + 1], erode_mask=erode)
+            assert got[p].item() == pytest.approx(one.item(), abs=1e-6)
 
 
 def test_ssim_exceptions():

@@ -157,7 +157,7 @@ def test_resolve_images(panoramas, tmp_path):
     assert [s.stem for s in sources] == ["room0", "room1", "room2"]  # repeats dropped, non-images skipped
     other = tiny.write_panorama(tmp_path / "b" / "room0.png")
     assert [s.stem for s in resolve_images([str(panoramas[0]), str(other)])] == ["room0", "room0_2"]
-    assert RUNNER_SUFFIXES == IMAGE_SUFFIXES
+    assert RUNNER_SUFFIXES is IMAGE_SUFFIXES
     with pytest.raises(UsageError, match=r"--image '.*nope.png' does not exist"):
         resolve_images([str(tmp_path / "nope.png")])
     (tmp_path / "empty").mkdir()

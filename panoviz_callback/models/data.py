@@ -24,10 +24,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from panoviz_callback._checks import _check_range
+from panoviz_callback.panorama import IMAGE_SUFFIXES
 
 __all__ = ["IMAGE_SUFFIXES", "PanoDataModule"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 _YAW, _ORDER = 0, 1  # stream tags: yaws and orders never share a seed
 
 
