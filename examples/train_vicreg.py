@@ -86,7 +86,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
                           synthetic_height=args.synthetic_height,
                           num_workers=args.num_workers, seed=args.seed, **crop)
     handles: dict[str, Any] = {"tensorboard": TensorBoardLogger(root, name="tensorboard"),
-                               "checkpoint": ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)}
+                               "checkpoint": ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}",
+                                                             save_top_k=-1, save_last=True)}
     loggers = [handles["tensorboard"]]
     if args.wandb:
         from lightning.pytorch.loggers import WandbLogger
