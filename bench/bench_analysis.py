@@ -344,7 +344,7 @@ def compare(views, tokens, grid, forward, args) -> None:
     print(f"{'  Hungarian only':<20}{ours_hung * 1e3:>11.1f}{orig_hung * 1e3:>15.1f}{orig_hung / ours_hung:>9.1f}x")
     print(f"{'  all but Hungarian':<20}{ours_rest * 1e3:>11.1f}{orig_rest * 1e3:>15.1f}"
           f"{orig_rest / ours_rest:>9.1f}x{warm_rest * 1e3:>16.1f}")
-    print(f"(linear_cka includes the per-view Gram matrices that debiased_cka reuses; token_cosine the unit "
+    print("(linear_cka includes the per-view Gram matrices that debiased_cka reuses; token_cosine the unit "
           f"tokens the cosine stages share; ssim the warp)")
     print(f"\nours, first (cold) call: {sum(cold.values()) * 1e3:.1f} ms (geometry caches empty)")
     top = max(STAGES, key=lambda s: ours[s])

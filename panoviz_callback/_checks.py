@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["_check_shape", "_check_choice", "_check_range"]
+__all__ = ["_check_shape", "_check_choice", "_check_range", "_check_int", "_check_grid"]
 
 
 def _check_shape(x: Any, dims: str, name: str) -> None:
@@ -61,3 +61,26 @@ def _check_range(
         hi = "inf" if high is None else f"{high:g}"
         interval = ("[" if low_inclusive else "(") + f"{lo}, {hi}" + ("]" if high_inclusive else ")")
         raise ValueError(f"Argument `{name}` must be in {interval}, got {value!r}.")
+
+
+def _check_int(
+    value: Any, name: str, low: float | None = None, high: float | None = None, *, allow_none: bool = False
+) -> None:
+    """Raise ``TypeError`` unless ``value`` is an int (not a bool), then check its range."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an int or None" if allow_none else "an int"
+        raise TypeError(f"Expected `{name}` to be {kind}, got {type(value).__name__}.")
+    _check_range(value, name, low, high)
+
+
+def _check_grid(grid_hw: Any, n: int | None = None) -> tuple[int, int]:
+    """Check a token grid ``(gh, gw)`` of positive ints (with ``gh * gw == n`` when ``n`` is given)."""
+    if not (isinstance(grid_hw, Sequence) and len(grid_hw) == 2
+            and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_hw)):
+        raise ValueError(f"Expected `grid_hw` to be two positive ints (gh, gw), got {grid_hw!r}.")
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    if n is not None and gh * gw != n:
+        raise ValueError(f"Expected `grid_hw` with gh * gw == N = {n}, got {(gh, gw)}.")
+    return gh, gw

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from panoviz_callback import sinks
-from panoviz_callback._checks import _check_choice, _check_range, _check_shape
+from panoviz_callback._checks import _check_choice, _check_int, _check_shape
 from panoviz_callback._state import preserved_modes, preserved_rng
 from panoviz_callback.analysis import AnalysisResult, Analyzer
 from panoviz_callback.views import STRATEGIES
@@ -403,14 +403,6 @@ class PanoVizCallback(Callback):
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_int(value: Any, name: str, low: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"Expected `{name}` to be an int{' or None' if allow_none else ''}, got {value!r}.")
-    _check_range(value, name, low, None)
-
-
 def _check_probe(probe: Any) -> None:
     if probe is None or isinstance(probe, str | os.PathLike):
         return

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from panoviz_callback._checks import _check_choice, _check_range, _check_shape
+from panoviz_callback._checks import _check_choice, _check_int, _check_range, _check_shape
 from panoviz_callback.projection import direction_to_pixel, lonlat_to_direction, pixel_to_direction
 
 if TYPE_CHECKING:
@@ -44,12 +44,6 @@ def _correspondence(cam_i: Camera, cam_j: Camera, size: int, gh: int, gw: int) -
     tx = ((xy[:, 0] + 0.5) * gw / size).floor().long().clamp(0, gw - 1)
     ty = ((xy[:, 1] + 0.5) * gh / size).floor().long().clamp(0, gh - 1)
     return torch.nonzero(keep).squeeze(1), (ty * gw + tx)[keep]
-
-
-def _check_index(k: int, n: int, name: str) -> None:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"Expected `{name}` to be an int, got {type(k).__name__}.")
-    _check_range(k, name, 0, n - 1)
 
 
 def _check_grid(grid_hw: Sequence[int]) -> tuple[int, int]:
@@ -88,8 +82,8 @@ def patch_correspondence(
         >>> idx_i[:3].tolist(), idx_j[:3].tolist()
         ([7, 8, 9], [0, 1, 2])
     """
-    _check_index(i, len(views), "i")
-    _check_index(j, len(views), "j")
+    _check_int(i, "i", 0, len(views) - 1)
+    _check_int(j, "j", 0, len(views) - 1)
     gh, gw = _check_grid(grid_hw)
     idx_i, idx_j = _correspondence(views.cameras[i], views.cameras[j], int(views.image_size), gh, gw)
     return idx_i.to(device, copy=True), idx_j.to(device, copy=True)
@@ -148,8 +142,8 @@ def warp_pairs(
     _check_choice(mode, _MODES, "mode")
     pairs = list(views.pairs if pairs is None else pairs)
     for i, j in pairs:
-        _check_index(i, len(views), "pairs")
-        _check_index(j, len(views), "pairs")
+        _check_int(i, "pairs", 0, len(views) - 1)
+        _check_int(j, "pairs", 0, len(views) - 1)
     v, c, h, w = images.shape
     if not pairs:
         return images.new_zeros(0, c, h, w), torch.zeros(0, h, w, dtype=torch.bool, device=images.device)

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from panoviz_callback._checks import _check_choice, _check_shape
+from panoviz_callback._checks import _check_choice, _check_grid, _check_shape
 
 __all__ = ["TokenFeatures", "extract_features", "apply_resampler", "load_vision_encoder", "encoder_normalization"]
 
@@ -264,12 +264,6 @@ def extract_features(
     if not keep_cls_token:
         tokens = tokens[:, prefix:]  # (V, gh*gw, D)
     return TokenFeatures(tokens.contiguous(), grid, prefix, "grid")
-
-
-def _check_grid(grid_hw: Any) -> tuple[int, int]:
-    if not (isinstance(grid_hw, Sequence) and len(grid_hw) == 2 and all(isinstance(v, int) and v > 0 for v in grid_hw)):
-        raise ValueError(f"Expected `grid_hw` to be two positive ints (gh, gw), got {grid_hw!r}.")
-    return int(grid_hw[0]), int(grid_hw[1])
 
 
 def _check_unit_range(pixels: Tensor) -> None:

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from panoviz_callback._checks import _check_choice, _check_range, _check_shape
+from panoviz_callback._checks import _check_choice, _check_grid, _check_int, _check_range, _check_shape
 
 __all__ = ["PCAState", "fit_pca", "pca_rgb"]
 
@@ -605,22 +605,6 @@ def _project(xc: Tensor, basis: Tensor) -> Tensor:
 def _check_floating(x: Tensor, name: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"Expected `{name}` to be a floating-point tensor, got {x.dtype}.")
-
-
-def _check_int(value: Any, name: str, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
-    _check_range(value, name, low, high)
-
-
-def _check_grid(grid_hw: Any, n: int) -> tuple[int, int]:
-    if (not isinstance(grid_hw, (tuple, list)) or len(grid_hw) != 2
-            or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid_hw)):
-        raise ValueError(f"Expected `grid_hw` to be two positive ints (gh, gw), got {grid_hw!r}.")
-    gh, gw = grid_hw
-    if gh * gw != n:
-        raise ValueError(f"Expected `grid_hw` with gh * gw == N = {n}, got {tuple(grid_hw)}.")
-    return gh, gw
 
 
 def _check_state(state: Any, d: int, k: int, bg_removal: str, freeze: bool) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from panoviz_callback._checks import _check_choice
 from panoviz_callback._io import atomic_path
-from panoviz_callback.report import _check_name, _umask_permissions
+from panoviz_callback.report import _check_name
 
 __all__ = [
     "FIGURE_FILES",
@@ -385,7 +385,6 @@ def save_figure_atomic(fig: Figure, path: str | os.PathLike, *, dpi: int = _DPI)
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", facecolor="white")
-            _umask_permissions(tmp)
     finally:
         fig.clear()
     return path

@@ -30,7 +30,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from panoviz_callback._io import atomic_path
+from panoviz_callback._io import atomic_write_text
 
 __all__ = ["format_text_report", "write_reports", "load_similarity_json", "METRIC_DESCRIPTIONS"]
 
@@ -131,8 +131,8 @@ def write_reports(
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_dict(image=image, checkpoint=checkpoint)
     paths = {"txt": out / f"similarity_analysis_{name}.txt", "json": out / f"similarity_{name}.json"}
-    _write_text(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
-    _write_text(paths["txt"], format_text_report(data))
+    atomic_write_text(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["txt"], format_text_report(data))
     return paths
 
 
@@ -152,19 +152,6 @@ def load_similarity_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("levels"), dict):
         raise ValueError(f"{path}: not a similarity report (no 'levels' entry)")
     return data
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        _umask_permissions(tmp)
-
-
-def _umask_permissions(path: Path) -> None:
-    """Give a temporary file (``mkstemp``: 0600) the permissions of a normally created file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _check_name(name: str) -> None:

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from panoviz_callback.models import VICRegOverlapLoss, build_resampler, strip_correspondence
-from panoviz_callback.models.resamplers import MLPResampler
 from panoviz_callback.models.vicreg import vicreg_terms
 
 
