@@ -345,7 +345,7 @@ def compare(views, tokens, grid, forward, args) -> None:
     print(f"{'  all but Hungarian':<20}{ours_rest * 1e3:>11.1f}{orig_rest * 1e3:>15.1f}"
           f"{orig_rest / ours_rest:>9.1f}x{warm_rest * 1e3:>16.1f}")
     print("(linear_cka includes the per-view Gram matrices that debiased_cka reuses; token_cosine the unit "
-          f"tokens the cosine stages share; ssim the warp)")
+          "tokens the cosine stages share; ssim the warp)")
     print(f"\nours, first (cold) call: {sum(cold.values()) * 1e3:.1f} ms (geometry caches empty)")
     top = max(STAGES, key=lambda s: ours[s])
     print(f"ours, largest stage: {top} ({ours[top] / ours_total:.0%} of the analysis); the exact Hungarian "
