@@ -190,6 +190,7 @@ class PanoVizCallback(Callback):
         self._module_class: str | None = None
         self._precision: str | None = None
         self._paths: dict[str, str | None] = {"encoder": None, "resampler": None}
+        self._vision_stage: dict[str, Any] | None = None  # how to rebuild the parts without the user's code
         self._last_step: int | None = None
         self._views_logged = False
         self._warned: set[str] = set()
@@ -218,6 +219,7 @@ class PanoVizCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._views_logged = False
         self._last_step = None
+        self._vision_stage = None
         self._guarded(lambda: self._resolve_modules(pl_module))
 
     @override
@@ -254,6 +256,9 @@ class PanoVizCallback(Callback):
           when it was defined in the training script).
         - ``encoder_path`` / ``resampler_path``: the resolved attribute paths (None for callables,
           or no resampler).
+        - ``vision_stage``: plain data to rebuild the parts without the module's code (the encoder's
+          transformers config, the resampler's type and sizes; see
+          :func:`~panoviz_callback.vision_stage.describe_parts`).
         - ``precision``: the trainer's precision the live forward ran under (e.g. ``"bf16-mixed"``).
         - ``probe``: ``{"kind": "synthetic", "height", "seed"}``, ``{"kind": "path", "path",
           "max_width"}`` or ``{"kind": "tensor", "pixels": (3, H, W) uint8}``.
@@ -267,6 +272,7 @@ class PanoVizCallback(Callback):
             "module_class": self._module_class,
             "encoder_path": self._paths["encoder"],
             "resampler_path": self._paths["resampler"],
+            "vision_stage": self._vision_stage,
             "precision": self._precision,
             "probe": None if self._probe_spec is None else dict(self._probe_spec),
             "settings": self._settings(),
@@ -399,6 +405,10 @@ class PanoVizCallback(Callback):
         encoder, self._paths["encoder"] = _find(pl_module, self.encoder, ENCODER_SEARCH, "encoder", required=True)
         resampler, self._paths["resampler"] = _find(pl_module, self.resampler, RESAMPLER_SEARCH, "resampler",
                                                     required=False, exclude=encoder)
+        if self._vision_stage is None:
+            from panoviz_callback.vision_stage import describe_parts
+
+            self._vision_stage = describe_parts(encoder, resampler)
         return encoder, resampler
 
 

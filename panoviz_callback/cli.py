@@ -6,7 +6,7 @@ Usage::
     panoviz --checkpoint last.ckpt --image room.jpg panos/ "more/*.png" --crop_strategy anyres_e2p
     panoviz --checkpoint panollava.ckpt --config config.yaml --image room.jpg
     panoviz --checkpoint other.ckpt --module my_pkg.model:MyVLM --encoder model.vision_tower --image room.jpg
-    panoviz compare results/trained_viz/epoch=0 results/trained_viz/last --labels before after
+    panoviz compare results/trained_viz/demo-epoch=0 results/trained_viz/demo-last --labels before after
 
 Exit status: 0 success; 1 a runtime failure (an image that could not be analysed, the
 others are still written; weights that do not fit the model; an error while analysing
@@ -15,7 +15,8 @@ or writing); 2 a usage error, where nothing was analysed: a wrong option or valu
 ``--config``/``--module``, a ``--config`` that is not valid YAML or misses keys, a
 ``--module`` that cannot be imported, an ``--image`` that names nothing, ``--device cuda``
 without CUDA, an ``--output_dir`` that cannot be written. Problems are printed one per
-line on stderr (``--debug`` adds tracebacks); ``Ctrl-C`` exits with 130.
+line on stderr (``--debug`` adds tracebacks); ``Ctrl-C`` exits with 130 and SIGTERM with 143
+(the image being written is finished or rolled back).
 
 torch, lightning and transformers are imported only after the arguments are parsed, so
 ``--help`` and ``--version`` answer at once.
@@ -57,6 +58,30 @@ class _Parser(argparse.ArgumentParser):
         if message:
             print(message, end="", file=sys.stderr)
         raise _UsageExit(status)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, Docker) handled like Ctrl-C: the current image is rolled back."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def _on_sigterm() -> object:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def _restore_sigterm(previous: object) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
 
 
 def _flag(name: str) -> list[str]:
@@ -106,6 +131,9 @@ def _main_parser() -> _Parser:
                    "('none': no resampler level)")
     p.add_argument(*_flag("strict"), action="store_true", help="fail when any encoder/resampler weight is "
                    "missing or unexpected")
+    p.add_argument(*_flag("trust_checkpoint"), action="store_true", help="unpickle the checkpoint fully and import "
+                   "the LightningModule class it names: this runs code stored in or named by the file; only for "
+                   "files you trust (default: the checkpoint is read as data)")
     p.add_argument(*_flag("crop_strategy"), choices=_STRATEGIES, help="default: the checkpoint's or config's, else e2p")
     p.add_argument(*_flag("fov"), type=_number, metavar="DEG", help="tile field of view in degrees (default 90)")
     p.add_argument(*_flag("overlap"), type=_number, metavar="FRAC", help="overlap of adjacent tiles in [0, 1) "
@@ -120,8 +148,9 @@ def _main_parser() -> _Parser:
     p.add_argument(*_flag("no_similarity"), action="store_true", help="skip the metrics (figures only)")
     p.add_argument(*_flag("device"), choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available, else the CPU")
-    p.add_argument(*_flag("output_dir"), metavar="DIR", help="default: results/trained_viz/{checkpoint_name}, "
-                   "the checkpoint's folder name, or its file stem when the folder is generic")
+    p.add_argument(*_flag("output_dir"), metavar="DIR", help="default: results/trained_viz/{run}-{checkpoint stem}, "
+                   "the run being the nearest folder above the checkpoint that is not generic (checkpoints, "
+                   "lightning_logs, version_N, ...)")
     p.add_argument(*_flag("debug"), action="store_true", help="print full tracebacks")
     return p
 
@@ -132,7 +161,8 @@ def _compare_parser() -> _Parser:
                             "comparison.png and prints the table.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR_OR_JSON", help="runner output folders or similarity_*.json")
     p.add_argument(*_flag("labels"), nargs="+", metavar="LABEL", help="names of the runs (default: folder names)")
-    p.add_argument(*_flag("output_dir"), default=".", metavar="DIR", help="where the files go (default: .)")
+    p.add_argument(*_flag("output_dir"), metavar="DIR", help="where the files go (default: the folder that holds "
+                   "the runs given)")
     p.add_argument(*_flag("debug"), action="store_true", help="print full tracebacks")
     return p
 
@@ -143,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     compare = bool(argv) and argv[0] == "compare"
     parser = _compare_parser() if compare else _main_parser()
     debug = "--debug" in argv
+    previous = _on_sigterm()
     try:
         args = parser.parse_args(argv[1:] if compare else argv)
         with warnings.catch_warnings():
@@ -152,9 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         if exc.message:
             _err(f"error: {exc.message}")
         return exc.code
+    except _Terminated:
+        _err("terminated")
+        return 143
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
+    finally:
+        _restore_sigterm(previous)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit status
         if debug:
             traceback.print_exc()
@@ -173,15 +209,18 @@ def _run(args: argparse.Namespace) -> int:
     from panoviz_callback import checkpoint as ck
     from panoviz_callback import runner as rn
 
+    from panoviz_callback import vision_stage as vs
+
     sources = rn.resolve_images(args.image) if args.image else None
     name = ck.checkpoint_name(args.checkpoint)
-    output_dir = Path(args.output_dir) if args.output_dir else _DEFAULT_ROOT / name
+    output_dir = Path(args.output_dir) if args.output_dir else _DEFAULT_ROOT / ck.run_name(args.checkpoint)
     rn.check_output_dir(output_dir)
 
-    ckpt = ck.read_checkpoint(args.checkpoint, _err)
+    ckpt = ck.read_checkpoint(args.checkpoint, _err, trust=args.trust_checkpoint)
     config = ck.load_config(args.config) if args.config else None
-    spec = ck.describe_model(ckpt, config=config, module=args.module, encoder=args.encoder, resampler=args.resampler,
-                             config_name=f"--config {args.config}" if args.config else "--config")
+    spec = vs.describe_model(ckpt, config=config, module=args.module, encoder=args.encoder, resampler=args.resampler,
+                             config_name=f"--config {args.config}" if args.config else "--config",
+                             trust=args.trust_checkpoint)
     options = {"crop_strategy": args.crop_strategy, "fov": args.fov, "overlap": args.overlap,
                "image_size": args.image_size, "layer": args.layer, "n_components": args.n_components,
                "keep_cls_token": True if args.no_cls_token else None, "bg_removal": args.bg_removal,
@@ -191,7 +230,7 @@ def _run(args: argparse.Namespace) -> int:
         sources = [rn.callback_probe(spec.callback)]
     device = rn.resolve_device(args.device, _err)
 
-    model = ck.build_model(spec, ckpt, strict=args.strict, device=device, log=_err)
+    model = vs.build_model(spec, ckpt, strict=args.strict, device=device, log=_err)
     del ckpt
     resampler = "no resampler" if model.resampler is None else type(model.resampler).__name__
     print(f"Checkpoint {args.checkpoint}: {spec.source}, {type(model.encoder).__name__} + {resampler}"
@@ -226,13 +265,23 @@ def _compare(args: argparse.Namespace) -> int:
     missing = [run for run in args.runs if not Path(run).exists()]
     if missing:
         raise UsageError(f"no such file or folder: {', '.join(missing)}")
-    check_output_dir(Path(args.output_dir))
+    output_dir = Path(args.output_dir) if args.output_dir else _beside(args.runs)
+    check_output_dir(output_dir)
     labels = args.labels or [None] * len(args.runs)
     runs = [cmp.load_run(run, label) for run, label in zip(args.runs, labels)]
-    md_path, png_path = cmp.write_comparison(runs, args.output_dir)
+    md_path, png_path = cmp.write_comparison(runs, output_dir)
     print(cmp.format_markdown(runs), end="")
     print(f"Wrote {md_path} and {png_path}")
     return 0
+
+
+def _beside(runs: list[str]) -> Path:
+    """The folder that holds the compared runs (a run folder's parent, a JSON file's run folder's parent)."""
+    import os
+
+    folders = [Path(os.path.abspath(r)) for r in runs]
+    parents = [(f.parent if f.is_dir() else f.parent.parent) for f in folders]
+    return Path(os.path.commonpath([str(p) for p in parents]))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -39,7 +40,8 @@ from panoviz_callback.panorama import IMAGE_SUFFIXES
 
 __all__ = [
     "UsageError", "ImageSource", "RunPlan", "ImageResult", "Runner", "resolve_images", "callback_probe",
-    "check_output_dir", "resolve_device", "plan_run", "format_summary", "live_agreement",
+    "check_output_dir", "resolve_device", "plan_run", "format_summary", "live_agreement", "image_names",
+    "clean_stale_staging",
 ]
 
 #: Panorama files are downscaled on load to at most this width (the callback's probe rule).
@@ -48,6 +50,7 @@ MAX_WIDTH = 2048
 MIN_SIZE = (64, 32)
 _PCA_SETTINGS = ("layer", "keep_cls_token", "n_components", "bg_removal", "bg_threshold", "normalize")
 _ANALYZER_SETTINGS = (*_PCA_SETTINGS, "metrics")
+_STAGE_PREFIX = ".panoviz-"
 Log = Callable[[str], None]
 
 
@@ -95,13 +98,45 @@ def resolve_images(patterns: Sequence[str]) -> list[ImageSource]:
             raise UsageError(f"--image '{p}' does not exist")
         found += files
     unique = list(dict.fromkeys(f.absolute() for f in found))
-    stems: dict[str, int] = {}
-    sources = []
-    for f in unique:
-        stems[f.stem] = stems.get(f.stem, 0) + 1
-        stem = f.stem if stems[f.stem] == 1 else f"{f.stem}_{stems[f.stem]}"
-        sources.append(ImageSource(label=str(f), stem=stem, path=f))
-    return sources
+    return [ImageSource(label=str(f), stem=name, path=f) for f, name in zip(unique, image_names(unique))]
+
+
+def _safe_name(text: str) -> str:
+    """A file/folder name: separators and odd characters become ``_``, no leading dots, never empty."""
+    out = re.sub(r"[^\w.=+@-]", "_", text).lstrip(".").rstrip(". ")
+    return out[:120] or "image"
+
+
+def image_names(paths: Sequence[Path]) -> list[str]:
+    """Safe, unique names for images: their paths relative to the common folder, without the suffix.
+
+    ``a/x.jpg`` and ``b/x.jpg`` become ``a_x`` and ``b_x``; separators, ``..`` and leading dots
+    never survive; names that still clash (also ignoring case) get ``-2``, ``-3``, ... checked
+    against every final name.
+
+    Example:
+        >>> image_names([Path("/p/a/x.jpg"), Path("/p/b/x.jpg"), Path("/p/b/...jpg")])
+        ['a_x', 'b_x', 'b_']
+    """
+    if not paths:
+        return []
+    root = Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
+    raw = []
+    for p in paths:
+        rel = Path(p).relative_to(root)
+        parts = [*rel.parts[:-1], rel.stem]
+        raw.append(_safe_name("_".join(parts)))
+    reserved = {n.lower() for n in raw}
+    seen: set[str] = set()
+    names = []
+    for name in raw:
+        final, k = name, 1
+        while final.lower() in seen or (final != name and final.lower() in reserved):
+            k += 1
+            final = f"{name}-{k}"
+        seen.add(final.lower())
+        names.append(final)
+    return names
 
 
 def callback_probe(state: Mapping[str, Any] | None) -> ImageSource:
@@ -114,11 +149,26 @@ def callback_probe(state: Mapping[str, Any] | None) -> ImageSource:
     if not isinstance(spec, Mapping) or spec.get("kind") not in ("synthetic", "path", "tensor"):
         raise UsageError("no --image given and the checkpoint holds no PanoVizCallback probe; pass --image PATH")
     spec = dict(spec)
+    from panoviz_callback.checkpoint import ModelSpecError, check_limit
+
+    try:
+        if spec["kind"] == "synthetic":
+            check_limit(spec.get("height", 512), "probe height", "the checkpoint's probe")
+        if spec.get("max_width") is not None:
+            check_limit(spec["max_width"], "probe max_width", "the checkpoint's probe")
+        if spec["kind"] == "tensor":
+            shape = tuple(getattr(spec.get("pixels"), "shape", ()))
+            if len(shape) != 3 or shape[0] != 3:
+                raise UsageError(f"the checkpoint's probe tensor has shape {shape}, expected (3, H, W)")
+            check_limit(shape[1], "probe height", "the checkpoint's probe")
+            check_limit(shape[2], "probe width", "the checkpoint's probe")
+    except ModelSpecError as err:
+        raise UsageError(f"{err}; pass --image PATH") from None
     if spec["kind"] == "path":
         path = Path(spec["path"])
         if not path.is_file():
             raise UsageError(f"the callback's probe '{path}' no longer exists; pass --image PATH")
-        return ImageSource(label=f"callback probe {path}", stem=path.stem, path=path, spec=spec)
+        return ImageSource(label=f"callback probe {path}", stem=_safe_name(path.stem), path=path, spec=spec)
     what = "synthetic panorama" if spec["kind"] == "synthetic" else "tensor"
     return ImageSource(label=f"callback probe ({what})", stem="probe", spec=spec)
 
@@ -220,6 +270,7 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
             crop[key] = float(options[flag])
             crop.pop("num_views", None)  # derived from fov and overlap
     image_size = options.get("image_size") or base.get("image_size") or geometry.get("image_size") or 224
+    _check_file_values(int(image_size) if isinstance(image_size, int | float) else image_size, crop, saved)
     try:
         make_views(torch.zeros(3, 8, 16), strategy, int(image_size), **crop)
     except (ValueError, TypeError) as err:
@@ -248,6 +299,23 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
     return plan
 
 
+def _check_file_values(image_size: Any, crop: Mapping[str, Any], saved: Mapping[str, Any]) -> None:
+    """Sizes that come from the checkpoint are capped before anything is allocated."""
+    from panoviz_callback.checkpoint import ModelSpecError, check_limit
+
+    try:
+        check_limit(image_size, "image_size", "view size")
+        for key in ("num_views", "fov_deg", "tile_render_size"):
+            if crop.get(key) is not None:
+                check_limit(crop[key], key, f"crop option {key}")
+        if saved.get("layer") is not None:
+            check_limit(saved["layer"], "layer", "the checkpoint's layer index")
+        if saved.get("n_components") is not None:
+            check_limit(saved["n_components"], "n_components", "the checkpoint's n_components")
+    except ModelSpecError as err:
+        raise UsageError(str(err)) from None
+
+
 def _default(key: str) -> Any:
     return {"layer": -1, "keep_cls_token": False, "n_components": 3, "bg_removal": "threshold",
             "bg_threshold": 0.5, "normalize": "auto"}[key]
@@ -273,7 +341,7 @@ class Runner:
         encoder: the vision encoder (on its device, eval mode).
         resampler: the resampler or None.
         plan: from :func:`plan_run`.
-        name: ``NAME`` in the file names.
+        name: the run's name (files are named after each image).
         output_dir: where the files go (a subfolder per image stem when there are several).
         checkpoint: the checkpoint path recorded in the JSON report.
         log: prints one line (default: to stderr).
@@ -310,6 +378,9 @@ class Runner:
         from tqdm.auto import tqdm
 
         several = len(sources) > 1
+        removed = clean_stale_staging(self.output_dir)
+        if removed:
+            self.log(f"note: removed {removed} staging folder(s) left by an interrupted run in '{self.output_dir}'")
         results: list[ImageResult] = []
         bar = tqdm(sources, desc="panoviz", unit="image", disable=None if self.progress is None else not self.progress,
                    file=sys.stderr, dynamic_ncols=True)
@@ -397,10 +468,10 @@ class Runner:
 
         created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".panoviz-", dir=out))
+        stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{os.getpid()}-", dir=out))
         try:
-            staged = {**write_figures(result, stage, self.name),
-                      **write_reports(result, stage, self.name, image=source.recorded, checkpoint=self.checkpoint)}
+            staged = {**write_figures(result, stage, source.stem),
+                      **write_reports(result, stage, source.stem, image=source.recorded, checkpoint=self.checkpoint)}
             files = {}
             for key, path in staged.items():
                 files[key] = out / path.name
@@ -412,6 +483,37 @@ class Runner:
             raise
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def clean_stale_staging(folder: Path) -> int:
+    """Remove ``.panoviz-PID-*`` staging folders of processes that no longer run, in ``folder`` and its subfolders.
+
+    Returns:
+        How many were removed.
+    """
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    candidates = [folder, *(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))]
+    for parent in candidates:
+        for stage in parent.glob(f"{_STAGE_PREFIX}*"):
+            m = re.match(re.escape(_STAGE_PREFIX) + r"(\d+)-", stage.name)
+            if stage.is_dir() and not (m and _alive(int(m.group(1)))):
+                shutil.rmtree(stage, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 # ------------------------------------------------------------------------------------------- summary
