@@ -106,7 +106,7 @@ def _run_folder(p: Path) -> str | None:
 
 def _safe_name(text: str) -> str:
     """A file/folder name: separators and odd characters become ``_``, no leading dots."""
-    out = re.sub(r"[^\w.=+@-]", "_", text).lstrip(".")
+    out = re.sub(r"[^\w.=+@-]", "_", text).lstrip(".").rstrip(". ")
     return out[:120] or "x"
 
 
@@ -244,7 +244,7 @@ def _as_data(ckpt: Any, p: Path, log: Log) -> Any:
                                   "fully if you trust the file")
     if records:
         names = sorted({rec.global_name for _, rec in records})
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         log(f"note: read {len(names)} class(es) of '{p.name}' as plain data without importing them ({shown})")
         return {k: (v if k == "state_dict" else safeload.to_plain(v)) for k, v in ckpt.items()}
     return ckpt
