@@ -189,13 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _err("interrupted")
         return 130
-    finally:
-        _restore_sigterm(previous)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and an exit status
         if debug:
             traceback.print_exc()
         _err(f"error: {_one_line(exc)}")
         return 2 if _is_usage(exc) else 1
+    finally:
+        _restore_sigterm(previous)
 
 
 def _is_usage(exc: BaseException) -> bool:

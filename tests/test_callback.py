@@ -386,7 +386,8 @@ def test_resume_and_weights_only_checkpoint(tmp_path):
     _fit(tmp_path, [cb, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], max_epochs=2)
     ckpt = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     state = ckpt["callbacks"][cb.state_key]
-    assert set(state) == {"version", "module_class", "encoder_path", "resampler_path", "precision", "probe",
+    assert set(state) == {"version", "module_class", "encoder_path", "resampler_path", "vision_stage", "precision",
+                          "probe",
                           "settings", "pca_states", "history"}
     assert state["precision"] == "32-true"
     assert state["module_class"] == f"{TinyModule.__module__}:TinyModule"

@@ -98,10 +98,10 @@ def test_panollava_checkpoint_with_image(ckpt, pano, tmp_path, capsys):
     code, stdout, err = _run(capsys, "--checkpoint", ckpt, "--image", pano, "--output_dir", out, "--device", "cpu")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f.format("stage_vision") for f in ("original_views_{}.png", "vision_encoder_pca_{}.png",
+        f.format(Path(pano).stem) for f in ("original_views_{}.png", "vision_encoder_pca_{}.png",
                                            "resampled_features_pca_{}.png", "similarity_analysis_{}.txt",
                                            "similarity_{}.json"))
-    data = json.loads((out / "similarity_stage_vision.json").read_text())
+    data = json.loads((out / f"similarity_{Path(pano).stem}.json").read_text())
     assert data["crop_strategy"] == "e2p" and len(data["views"]) == 8  # geometry from datamodule_hyper_parameters
     assert data["levels"]["resampled"]["token_grid"] == [4, 4]
     assert "PanoLLaVA layout (model.vision_encoder.*)" in stdout and "Mean metrics:" in stdout
@@ -130,8 +130,10 @@ def test_module_checkpoint_with_explicit_paths(pano, tmp_path, capsys):
                              "model.vision_tower", "--resampler", "none", "--image", pano, "--image_size", 64,
                              "--output_dir", tmp_path / "out", "--no_similarity", "--strict")
     assert code == 0, err
+    stem = Path(pano).stem
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "original_views_vlm.png", "similarity_analysis_vlm.txt", "similarity_vlm.json", "vision_encoder_pca_vlm.png"]
+        f"original_views_{stem}.png", f"similarity_analysis_{stem}.txt", f"similarity_{stem}.json",
+        f"vision_encoder_pca_{stem}.png"]
     assert "no resampler" in stdout and "No metrics computed." in stdout
 
 

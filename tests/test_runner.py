@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import _tiny_module as tiny
 from panoviz_callback import report as report_module
-from panoviz_callback.checkpoint import checkpoint_name
 from panoviz_callback.cli import main
 from panoviz_callback.models.data import IMAGE_SUFFIXES
 from panoviz_callback.runner import (
@@ -65,7 +65,7 @@ def test_live_and_offline_agree(trained, tmp_path, capsys, which):
     ckpt_path = getattr(trained, which)
     out = tmp_path / "out"
     assert main(["--checkpoint", str(ckpt_path), "--output_dir", str(out)]) == 0
-    name = checkpoint_name(ckpt_path)
+    name = "probe"  # files are named after the image: the callback's synthetic probe
     assert _files(out) == sorted(f.format(name) for f in _FILES)
     data = json.loads((out / f"similarity_{name}.json").read_text())
     assert data["image"] == str(trained.probe.resolve()) and data["checkpoint"] == str(ckpt_path.absolute())
@@ -91,12 +91,12 @@ def test_live_and_offline_agree(trained, tmp_path, capsys, which):
 def test_callback_settings_apply_to_other_images(trained, panoramas, tmp_path):
     out = tmp_path / "out"
     assert main(["--checkpoint", str(trained.last), "--image", str(panoramas[0]), "--output_dir", str(out)]) == 0
-    data = json.loads((out / "similarity_last.json").read_text())
+    data = json.loads((out / f"similarity_{panoramas[0].stem}.json").read_text())
     assert data["crop_strategy"] == "e2p" and len(data["views"]) == 8 and data["image"] == str(panoramas[0])
     # the probe given as --image: colours aligned to the saved state (not frozen), the same feature metrics
     assert main(["--checkpoint", str(trained.last), "--image", str(trained.probe), "--output_dir",
                  str(tmp_path / "again")]) == 0
-    again = _means(tmp_path / "again" / "similarity_last.json")
+    again = _means(tmp_path / "again" / f"similarity_{trained.probe.stem}.json")
     live = torch.load(trained.last, weights_only=True)
     live = next(v for k, v in live["callbacks"].items() if k.startswith("PanoVizCallback"))["history"][-1]["scalars"]
     for key in ("vision_encoder/token_cosine", "resampled/overlap_cosine", "resampled/linear_cka"):
@@ -112,14 +112,14 @@ def test_many_images_one_model(vlm, panoramas, tmp_path, capsys):
     assert code == 0 and tiny.TinyVLM.constructions == 1
     assert _files(out) == ["room0", "room1", "room2"]
     for stem in ("room0", "room1", "room2"):
-        assert _files(out / stem) == sorted(f.format("vlm_run") for f in _FILES)
+        assert _files(out / stem) == sorted(f.format(stem) for f in _FILES)
     stdout = capsys.readouterr().out
     assert "Wrote 15 files for 3 image(s)" in stdout and "Mean metrics over 3 images:" in stdout
     # one invocation per image gives the same numbers: every image starts from the same PCA state
     single = tmp_path / "single"
     assert main(["--checkpoint", str(vlm), "--module", "_tiny_module:TinyVLM", "--image", str(panoramas[2]),
                  "--output_dir", str(single), "--image_size", "64"]) == 0
-    assert _means(single / "similarity_vlm_run.json") == _means(out / "room2" / "similarity_vlm_run.json")
+    assert _means(single / "similarity_room2.json") == _means(out / "room2" / "similarity_room2.json")
 
 
 def test_bad_image_among_good_ones(vlm, panoramas, tmp_path, capsys):
@@ -131,7 +131,8 @@ def test_bad_image_among_good_ones(vlm, panoramas, tmp_path, capsys):
                  str(broken), str(tiny_png), str(panoramas[1]), "--output_dir", str(out), "--image_size", "64",
                  "--no_similarity"])
     assert code == 1
-    assert _files(out) == ["room0", "room1"]  # nothing at all for the failed images
+    folder = panoramas[0].parent.name  # names are relative to the common folder of all inputs
+    assert _files(out) == [f"{folder}_room0", f"{folder}_room1"]  # nothing at all for the failed images
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 2
     assert "broken.png" in errors[0] and "Cannot load panorama" in errors[0] and errors[0].endswith("(skipped)")
@@ -156,7 +157,9 @@ def test_resolve_images(panoramas, tmp_path):
     sources = resolve_images([str(folder), str(panoramas[1]), str(folder / "room*.png")])
     assert [s.stem for s in sources] == ["room0", "room1", "room2"]  # repeats dropped, non-images skipped
     other = tiny.write_panorama(tmp_path / "b" / "room0.png")
-    assert [s.stem for s in resolve_images([str(panoramas[0]), str(other)])] == ["room0", "room0_2"]
+    common = os.path.commonpath([str(panoramas[0].parent), str(other.parent)])
+    first = "_".join(Path(os.path.relpath(panoramas[0], common)).with_suffix("").parts)
+    assert [s.stem for s in resolve_images([str(panoramas[0]), str(other)])] == [first, "b_room0"]
     assert RUNNER_SUFFIXES is IMAGE_SUFFIXES
     with pytest.raises(UsageError, match=r"--image '.*nope.png' does not exist"):
         resolve_images([str(tmp_path / "nope.png")])
