@@ -158,8 +158,9 @@ def test_resolve_images(panoramas, tmp_path):
     assert [s.stem for s in sources] == ["room0", "room1", "room2"]  # repeats dropped, non-images skipped
     other = tiny.write_panorama(tmp_path / "b" / "room0.png")
     common = os.path.commonpath([str(panoramas[0].parent), str(other.parent)])
-    first = "_".join(Path(os.path.relpath(panoramas[0], common)).with_suffix("").parts)
-    assert [s.stem for s in resolve_images([str(panoramas[0]), str(other)])] == [first, "b_room0"]
+    names = ["_".join(Path(os.path.relpath(p, common)).with_suffix("").parts) for p in (panoramas[0], other)]
+    assert [s.stem for s in resolve_images([str(panoramas[0]), str(other)])] == names
+    assert names[0] != names[1] and names[1].endswith("b_room0")
     assert RUNNER_SUFFIXES is IMAGE_SUFFIXES
     with pytest.raises(UsageError, match=r"--image '.*nope.png' does not exist"):
         resolve_images([str(tmp_path / "nope.png")])
