@@ -356,7 +356,8 @@ class Analyzer:
             level_feats = {"vision_encoder": feats}
             if resampler is not None:
                 with timer("resampler"):
-                    level_feats["resampled"] = apply_resampler(resampler, self._resampler_input(encoder, views, feats))
+                    level_feats["resampled"] = apply_resampler(
+                        resampler, self._resampler_input(encoder, views, feats, resampler))
 
             levels: dict[str, LevelResult] = {}
             pca_states: dict[str, PCAState] = {}
@@ -368,8 +369,16 @@ class Analyzer:
         timings["total"] = time.perf_counter() - start
         return AnalysisResult(views=views, levels=levels, pca_states=pca_states, timings=timings)
 
-    def _resampler_input(self, encoder: Any, views: ViewSet, feats: TokenFeatures) -> TokenFeatures:
-        """The encoder's last-layer patch tokens (prefix dropped), as the resampler saw them in training."""
+    def _resampler_input(self, encoder: Any, views: ViewSet, feats: TokenFeatures,
+                         resampler: Any = None) -> TokenFeatures:
+        """The encoder's last-layer patch tokens (prefix dropped), as the resampler saw them in training.
+
+        A resampler with ``input_tokens = "all"`` gets the prefix tokens too.
+        """
+        if getattr(resampler, "input_tokens", "patch") == "all":
+            if self.layer == -1 and (self.keep_cls_token or feats.num_prefix_tokens == 0):
+                return feats
+            return extract_features(encoder, views.pixels, layer=-1, keep_cls_token=True, normalize=self.normalize)
         if self.layer == -1:
             if not self.keep_cls_token or feats.num_prefix_tokens == 0:
                 return feats

@@ -402,7 +402,8 @@ def apply_resampler(
     """Pass the encoder's patch tokens through ``resampler`` and find the output's layout.
 
     The resampler gets ``(V, gh*gw, D)``: prefix tokens are dropped if ``features`` kept them,
-    as in training, and the tokens are cast to the resampler's parameter dtype.
+    as in training, unless it declares ``input_tokens = "all"`` (PanoLLaVA's resamplers see every
+    token); the tokens are cast to the resampler's parameter dtype.
 
     ``layout="auto"`` decides, in this order:
 
@@ -438,8 +439,9 @@ def apply_resampler(
         raise TypeError(f"Expected `resampler` to be a module or callable, got {type(resampler).__name__}.")
     _check_choice(layout, ("auto", "grid", "queries"), "layout")
     _check_shape(features.tokens, "V N D", "features.tokens")
-    tokens = _patch_tokens(features)  # (V, N, D)
     base = getattr(resampler, "_orig_mod", resampler)
+    # a resampler declaring ``input_tokens = "all"`` gets the prefix tokens too (when kept), as in its training
+    tokens = features.tokens if getattr(base, "input_tokens", "patch") == "all" else _patch_tokens(features)
     dtype = _param_dtype(base)
     out = resampler(tokens if dtype is None else tokens.to(dtype))
     name = type(base).__name__

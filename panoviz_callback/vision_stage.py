@@ -157,7 +157,7 @@ def describe_model(
 
     from panoviz_callback import panollava
 
-    layout = None if module else panollava.detect_layout(ckpt)
+    layout = None if module or (state is not None and state.get("module_class")) else panollava.detect_layout(ckpt)
     if layout is not None:
         return panollava.describe(ckpt, layout, config=config, config_name=config_name, common=common)
 

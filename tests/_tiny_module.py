@@ -76,37 +76,126 @@ def siglip_folder(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def panollava_checkpoint(path: Path, folder: Path, *, encoder_prefix: str = "model.vision_encoder.",
-                         resampler_prefix: str = "model.resampler_module.resampler.", key_head: str = "keep",
-                         hparams: dict | None = None, datamodule: dict | None = None,
-                         seed: int = 2) -> tuple[Path, nn.Module, nn.Module]:
-    """A PanoLLaVA-layout checkpoint: returns ``(path, reference encoder, reference MLP)``.
+PANOLLAVA_PREFIXES = {  # revision -> (encoder, VICReg norm, resampler) key prefixes of PanoLLaVA's own modules
+    "head": ("model.vision_encoder.encoder.", "model.vision_encoder.norm.", "model.resampler_module.resampler."),
+    "dc64bc5": ("model.vision_backbone.encoder.", "model.vision_backbone.norm.", "model.resampler_module.resampler."),
+    "7227614": ("model.vision_encoder.", "model.vicreg_norm.", "model.resampler."),
+}
 
+
+def _cora_config(mod: Any, models: dict, images: dict) -> Any:
+    """A pydantic ``CORAConfig`` look-alike whose classes live in the (temporary) module ``mod``."""
+    from typing import Optional
+
+    from pydantic import BaseModel, Field
+
+    class ModelConfig(BaseModel):
+        vision_name: str = "google/siglip-base-patch16-224"
+        use_vicreg_norm: bool = False
+        language_model_name: str = "Qwen/Qwen2.5-0.5B-Instruct"
+        resampler_type: str = "bimamba"
+        latent_dimension: int = 768
+        resampler_config: dict = Field(default_factory=dict)
+        model_config = {"extra": "allow"}
+
+    class ImageProcessingConfig(BaseModel):
+        crop_strategy: str = "anyres_e2p"
+        image_size: Optional[list] = None
+        overlap_ratio: float = 0.5
+        fov_deg: float = 90.0
+        model_config = {"extra": "allow"}
+
+    class CORAConfig(BaseModel):
+        models: ModelConfig = Field(default_factory=ModelConfig)
+        image_processing: ImageProcessingConfig = Field(default_factory=ImageProcessingConfig)
+        data: dict = Field(default_factory=dict)
+        model_config = {"extra": "allow"}
+
+    for cls in (ModelConfig, ImageProcessingConfig, CORAConfig):
+        cls.__module__, cls.__qualname__ = mod.__name__, cls.__name__
+        setattr(mod, cls.__name__, cls)
+    return CORAConfig(models=ModelConfig(**models), image_processing=ImageProcessingConfig(**images))
+
+
+def save_without_module(obj_factory: Any, path: Path, module: str = "cora.config.schema") -> None:
+    """``torch.save(obj_factory(mod))`` while the package ``module`` exists, then forget it (not importable)."""
+    import sys
+    import types
+
+    names = module.split(".")
+    created = []
+    for i in range(len(names)):
+        name = ".".join(names[: i + 1])
+        if name not in sys.modules:
+            sys.modules[name] = types.ModuleType(name)
+            created.append(name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj_factory(sys.modules[module]), path)
+    finally:
+        for name in created:
+            del sys.modules[name]
+
+
+def panollava_checkpoint(path: Path, folder: Path, *, revision: str = "dc64bc5", use_norm: bool | None = None,
+                         key_head: str = "keep", hparams: dict | None = None, datamodule: dict | None = None,
+                         seed: int = 2) -> tuple[Path, nn.Module, Any]:
+    """A checkpoint with the exact key layout and settings structure of PanoLLaVA at ``revision``.
+
+    Returns ``(path, reference encoder, reference stage)``: ``reference stage(tokens)`` is the
+    VICReg LayerNorm (when on) and the MLP resampler written out by hand with the saved weights.
     The encoder weights are a fresh seed (not the folder's), so loading them can be checked.
-    ``key_head``: ``"keep"`` the encoder's own keys, ``"add"`` / ``"strip"`` a leading ``vision_model.``
-    (the key layout differs between transformers versions and PanoLLaVA wrappers).
+    ``key_head="add"`` writes the encoder keys with a leading ``vision_model.`` (transformers 4.x
+    full-model naming). ``use_norm`` defaults to each revision's default (off at head, on before).
     """
+    import torch.nn.functional as F
+
     from panoviz_callback.models import build_resampler
 
+    enc_prefix, norm_prefix, res_prefix = PANOLLAVA_PREFIXES[revision]
+    use_norm = revision != "head" if use_norm is None else use_norm
     encoder = _siglip(seed)
     torch.manual_seed(seed)
     mlp = build_resampler("mlp", 32, 24).eval()
+    norm_w, norm_b = 1 + 0.1 * torch.randn(32), 0.1 * torch.randn(32)
     enc = encoder.state_dict()
-    if key_head == "strip":
-        enc = {k.removeprefix("vision_model."): v for k, v in enc.items()}
-    elif key_head == "add":
-        enc = {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in enc.items()}
-    state = {f"{encoder_prefix}{k}": v for k, v in enc.items()}
-    state.update({f"{resampler_prefix}{k}": v for k, v in mlp.state_dict().items()})
+    if key_head == "add":
+        enc = {f"vision_model.{k}": v for k, v in enc.items()}
+    state = {f"{enc_prefix}{k}": v for k, v in enc.items()}
+    if use_norm:
+        state.update({f"{norm_prefix}weight": norm_w, f"{norm_prefix}bias": norm_b})
+    state.update({f"{res_prefix}{k}": v for k, v in mlp.state_dict().items()})
+    if revision == "head":  # `model.resampler` is an alias of the wrapper: the same tensors twice
+        state.update({f"model.resampler.resampler.{k}": v for k, v in mlp.state_dict().items()})
     state["model.language_model.lm_head.weight"] = torch.zeros(64, 16)  # never rebuilt
-    h = {"vision_name": str(folder), "resampler_type": "mlp", "latent_dimension": 24,
-         "language_model_name": "Qwen/Qwen3-0.6B"} if hparams is None else hparams
-    ckpt = {"state_dict": state, "hyper_parameters": h, "global_step": 11,
-            "datamodule_hyper_parameters": {"crop_strategy": "e2p", "image_size": SIZE, "fov_deg": 90.0,
-                                            "overlap_ratio": 0.5} if datamodule is None else datamodule}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path, encoder, mlp
+    crop = {"crop_strategy": "e2p", "image_size": SIZE, "fov_deg": 90.0, "overlap_ratio": 0.5}
+    flat = {"vision_name": str(folder), "resampler_type": "mlp", "latent_dimension": 24,
+            "language_model_name": "Qwen/Qwen3-0.6B", "stage": "vision"}
+    w = {k: v for k, v in mlp.state_dict().items()}
+
+    def stage(tokens):  # (V, N, 32) -> (V, N, 24), by hand
+        x = F.layer_norm(tokens, (32,), norm_w, norm_b, eps=1e-5) if use_norm else tokens
+        for i in (0, 3):  # Linear -> LayerNorm -> GELU, twice
+            x = F.linear(x, w[f"mlp.{i}.weight"], w[f"mlp.{i}.bias"])
+            x = F.gelu(F.layer_norm(x, (x.shape[-1],), w[f"mlp.{i + 1}.weight"], w[f"mlp.{i + 1}.bias"], eps=1e-5))
+        return F.linear(x, w["mlp.6.weight"], w["mlp.6.bias"])
+
+    if revision == "head":
+        models = {"vision_name": str(folder), "use_vicreg_norm": use_norm, "resampler_type": "mlp",
+                  "latent_dimension": 24, "resampler_config": {"hidden_dim": 32, "depth": 3, "use_ln": True}}
+        images = {"crop_strategy": "e2p", "image_size": [SIZE, SIZE], "overlap_ratio": 0.5, "fov_deg": 90.0}
+        if hparams is not None:
+            models = {**models, **hparams}
+        save_without_module(lambda mod: {
+            "state_dict": state, "global_step": 11, "epoch": 0,
+            "hyper_parameters": {"config": _cora_config(mod, models, images), "stage": "vision",
+                                 "vision_trainable_blocks": 0}}, path)
+    else:
+        ckpt = {"state_dict": state, "hyper_parameters": flat if hparams is None else hparams, "global_step": 11,
+                "datamodule_hyper_parameters": crop if datamodule is None else datamodule}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ckpt, path)
+    return path, encoder, stage
 
 
 def write_panorama(path: Path, seed: int = 0, height: int = 64) -> Path:

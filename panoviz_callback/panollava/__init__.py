@@ -6,10 +6,13 @@ generic reader and the next VLM family is one more adapter beside this one.
 
 from panoviz_callback.panollava.layouts import (
     ENCODER_PREFIXES,
+    LAYOUTS,
     RESAMPLER_PREFIXES,
-    build,
-    describe,
+    Layout,
     detect_layout,
+    read_settings,
 )
+from panoviz_callback.panollava.stage import PanoLLaVAResampler, build, describe
 
-__all__ = ["ENCODER_PREFIXES", "RESAMPLER_PREFIXES", "build", "describe", "detect_layout"]
+__all__ = ["ENCODER_PREFIXES", "LAYOUTS", "RESAMPLER_PREFIXES", "Layout", "PanoLLaVAResampler", "build", "describe",
+           "detect_layout", "read_settings"]

@@ -1,117 +1,124 @@
-"""Recognise a PanoLLaVA checkpoint from its keys, read its settings, rebuild its vision stage."""
+"""Recognise a PanoLLaVA checkpoint from its keys and read its settings, without PanoLLaVA installed.
+
+Three layouts exist in the wild (``shared`` facts, file and line per revision in the docs):
+
+============  =================================  ===============================  ======================================
+revision      encoder keys                       VICReg LayerNorm                 resampler keys
+============  =================================  ===============================  ======================================
+``head``      ``model.vision_encoder.encoder.*``  ``model.vision_encoder.norm.*``  ``model.resampler_module.resampler.*``
+``dc64bc5``   ``model.vision_backbone.encoder.*`` ``model.vision_backbone.norm.*`` ``model.resampler_module.resampler.*``
+``7227614``   ``model.vision_encoder.*``          ``model.vicreg_norm.*``          ``model.resampler.*``
+============  =================================  ===============================  ======================================
+
+In every revision the encoder is the HF model's vision transformer (``AutoModel(...).vision_model``),
+its ``last_hidden_state`` (all tokens, CLS and registers included) goes through the LayerNorm
+when the model has one (then the checkpoint holds its weights; otherwise it is an identity) and
+then into the resampler. The settings come from ``hyper_parameters``: a pickled ``CORAConfig``
+at ``head`` (read as plain data: ``config.models.*``, ``config.image_processing.*``), flat keys
+(``vision_name``, ``resampler_type``, ``latent_dimension``) at the two ``panovlm`` revisions,
+with the crop geometry in ``datamodule_hyper_parameters``; a ``--config`` (the training
+``config.yaml``) fills what the checkpoint lacks.
+"""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+__all__ = ["Layout", "LAYOUTS", "ENCODER_PREFIXES", "RESAMPLER_PREFIXES", "detect_layout", "read_settings"]
 
-from panoviz_callback.checkpoint import Log, ModelSpecError, _first_line
 
-__all__ = ["ENCODER_PREFIXES", "RESAMPLER_PREFIXES", "detect_layout", "describe", "build"]
+@dataclass(frozen=True)
+class Layout:
+    """Where one revision keeps the parts of the vision stage in the state dict."""
 
+    revision: str
+    encoder: str
+    norm: str
+    resampler: tuple[str, ...]
+
+
+LAYOUTS: dict[str, Layout] = {
+    "head": Layout("head", "model.vision_encoder.encoder.", "model.vision_encoder.norm.",
+                   ("model.resampler_module.resampler.", "model.resampler.resampler.")),
+    "dc64bc5": Layout("dc64bc5", "model.vision_backbone.encoder.", "model.vision_backbone.norm.",
+                      ("model.resampler_module.resampler.",)),
+    "7227614": Layout("7227614", "model.vision_encoder.", "model.vicreg_norm.", ("model.resampler.",)),
+}
 ENCODER_PREFIXES = ("model.vision_encoder.", "model.vision_backbone.encoder.")
 RESAMPLER_PREFIXES = ("model.resampler_module.resampler.", "model.resampler.")
+# the HF vision transformer's own top-level modules, to tell ``vision_encoder.encoder.embeddings`` (head)
+# from ``vision_encoder.embeddings`` (7227614, whose transformer also has an ``encoder`` submodule)
+_HF_HEADS = ("embeddings.", "vision_model.", "post_layernorm.", "pre_layrnorm.", "layernorm.", "head.")
 
 
-def _find_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str | None:
-    return next((p for p in prefixes if any(k.startswith(p) for k in keys)), None)
+def _has(keys: list[str], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in keys)
 
 
-def detect_layout(ckpt: Mapping[str, Any]) -> str | None:
-    """The PanoLLaVA layout of ``ckpt`` (``"panollava"``), or None when its keys are not PanoLLaVA's."""
-    keys = list(ckpt["state_dict"].keys())
-    if _find_prefix(keys, ENCODER_PREFIXES) or _find_prefix(keys, RESAMPLER_PREFIXES):
-        return "panollava"
+def detect_layout(ckpt: Mapping[str, Any]) -> Layout | None:
+    """The PanoLLaVA layout of ``ckpt`` (from its keys, then its ``hyper_parameters``), or None."""
+    keys = [str(k) for k in ckpt["state_dict"].keys()]
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt.get("hyper_parameters"), Mapping) else {}
+    cora = isinstance(hparams.get("config"), Mapping) and isinstance(hparams["config"].get("models"), Mapping)
+    if _has(keys, "model.vision_backbone."):
+        return LAYOUTS["dc64bc5"]
+    if cora or any(_has(keys, f"model.vision_encoder.encoder.{h}") for h in _HF_HEADS) \
+            or _has(keys, "model.resampler_module.") or _has(keys, "model.vision_encoder.norm."):
+        return LAYOUTS["head"]
+    if _has(keys, "model.vision_encoder.") or _has(keys, "model.vicreg_norm.") or _has(keys, "model.resampler."):
+        return LAYOUTS["7227614"]
     return None
 
 
-def describe(ckpt: Mapping[str, Any], layout: str, *, config: Mapping[str, Any], config_name: str,
-             common: Mapping[str, Any]) -> Any:
-    """The :class:`~panoviz_callback.vision_stage.ModelSpec` of a PanoLLaVA checkpoint."""
-    from panoviz_callback.vision_stage import ModelSpec, _config_hparams, _merge, _plain_dict, _require
-
-    keys = list(ckpt["state_dict"].keys())
-    hparams = _merge(_plain_dict(ckpt.get("hyper_parameters")), _config_hparams(config))
-    enc_prefix = _find_prefix(keys, ENCODER_PREFIXES) or ENCODER_PREFIXES[0]
-    res_prefix = _find_prefix(keys, RESAMPLER_PREFIXES)
-    _require(hparams, ("vision_name",), bool(config), config_name, "a PanoLLaVA checkpoint")
-    return ModelSpec("panollava", f"PanoLLaVA layout ({enc_prefix}*)", hparams, None,
-                     {"encoder": enc_prefix, "resampler": res_prefix}, **common)
+def _flatten_cora(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``CORAConfig`` (as plain data) -> the flat names the other revisions use."""
+    models = dict(config.get("models") or {})
+    images = dict(config.get("image_processing") or {})
+    out: dict[str, Any] = {k: v for k, v in models.items() if v is not None}
+    for key, value in images.items():
+        if value is not None:
+            out.setdefault(key, value)
+    return out
 
 
-def build(spec: Any, state_dict: Mapping[str, Any], *, strict: bool, device: Any, log: Log) -> Any:
-    """Build and load the encoder and resampler of a PanoLLaVA ``spec``."""
-    from panoviz_callback.vision_stage import CheckpointModel, LoadReport, _load_part, finish_load
+def read_settings(ckpt: Mapping[str, Any], layout: Layout, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The model and view settings of a PanoLLaVA checkpoint, as flat plain data.
 
-    prefixes = dict(spec.prefixes)
-    try:
-        encoder, resampler = _build_parts(spec, state_dict, log)
-    except ModelSpecError:
-        raise
-    except (ValueError, TypeError, OSError) as err:
-        raise ModelSpecError(f"cannot build the vision encoder/resampler of {spec.source}: "
-                             f"{_first_line(err)}") from None
-    report = LoadReport(prefixes={"encoder": prefixes["encoder"]})
-    _load_part("encoder", encoder, state_dict, prefixes["encoder"], report, align=True)
-    if report.loaded["encoder"] == 0 and not report.unexpected["encoder"]:
-        report.missing["encoder"] = []  # built with the pretrained weights of vision_name
-        log(f"note: the checkpoint holds no encoder weights under '{prefixes['encoder']}'; the encoder keeps the "
-            f"pretrained weights of {spec.hparams['vision_name']}")
-    if prefixes.get("resampler") is None:
-        resampler = None
-        log(f"note: the checkpoint holds no resampler weights (under {' or '.join(RESAMPLER_PREFIXES)}); "
-            "only the encoder level is analysed")
-    if resampler is not None:
-        report.prefixes["resampler"] = prefixes["resampler"]
-        _load_part("resampler", resampler, state_dict, prefixes["resampler"], report, align=False)
-    finish_load(report, strict, log)
-    for part in (encoder, resampler):
-        if isinstance(part, nn.Module):
-            part.requires_grad_(False).eval().to(device)
-    return CheckpointModel(encoder=encoder, resampler=resampler, spec=spec, report=report)
+    Keys (when known): ``vision_name``, ``resampler_type``, ``latent_dimension``,
+    ``resampler_config`` (dict), ``use_vicreg_norm`` (from the state dict: the norm's weights
+    are there exactly when the model had one), ``crop_strategy``, ``image_size``,
+    ``overlap_ratio``, ``fov_deg`` and the other processor keys. The checkpoint wins over
+    ``config``; ``config`` may be a CORA config (``models:``/``image_processing:``) or a
+    ``panovlm`` one (``models:``/``data:``/``image_processing:``), looked up at any depth.
+    """
+    from panoviz_callback.vision_stage import _find_key
 
-
-def _build_parts(spec: Any, state_dict: Mapping[str, Any], log: Log) -> tuple[nn.Module, nn.Module]:
-    from panoviz_callback.features import load_vision_encoder
-    from panoviz_callback.models.resamplers import MLPResampler, build_resampler
-
-    h = spec.hparams
-    has_encoder = any(k.startswith(spec.prefixes["encoder"]) for k in state_dict)
-    encoder = load_vision_encoder(h["vision_name"], pretrained=not has_encoder)
-    in_dim = _hidden_size(encoder)
-    kind = str(h.get("resampler_type") or "mlp").lower()
-    prefix = spec.prefixes.get("resampler")
-    if kind == "identity" or prefix is None:
-        return encoder, build_resampler("identity", in_dim)
-    if kind != "mlp":
-        raise ModelSpecError(f"resampler_type {kind!r} of a PanoLLaVA checkpoint is not supported (supported: 'mlp', "
-                             "'identity')")
-    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    linears = sorted((int(m.group(1)), weights[k].shape) for k in weights
-                     if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)) and weights[k].dim() == 2)
-    out_dim = h.get("latent_dimension")
-    if linears:  # depth and width as trained (PanoLLaVA versions differ), output size as configured
-        if out_dim is None:
-            out_dim = int(linears[-1][1][0])
-            log(f"note: `latent_dimension` not given; using {out_dim} from the resampler's weights")
-        hidden = int(linears[0][1][0]) if len(linears) > 1 else None
-        return encoder, MLPResampler(in_dim, int(out_dim), hidden_dim=hidden, depth=len(linears))
-    if out_dim is None:
-        raise ModelSpecError("the model cannot be rebuilt: `latent_dimension` is missing and the checkpoint holds no "
-                             "resampler weights to read it from; add `latent_dimension: N` to --config")
-    return encoder, build_resampler("mlp", in_dim, int(out_dim), depth=int(h.get("resampler_depth") or 3))
-
-
-def _hidden_size(encoder: nn.Module) -> int:
-    cfg = getattr(encoder, "config", None)
-    cfg = getattr(cfg, "vision_config", None) or cfg
-    size = getattr(cfg, "hidden_size", None)
-    if size is None:
-        raise ModelSpecError("cannot read the encoder's hidden size from its config (`config.hidden_size`)")
-    return int(size)
-
-
-
+    hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt.get("hyper_parameters"), Mapping) else {}
+    settings: dict[str, Any] = {}
+    if isinstance(hparams.get("config"), Mapping):
+        settings.update(_flatten_cora(hparams["config"]))
+    for key, value in hparams.items():
+        if key != "config" and value is not None and not isinstance(value, Mapping):
+            settings.setdefault(key, value)
+    data = ckpt.get("datamodule_hyper_parameters")
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if value is not None and not isinstance(value, Mapping):
+                settings.setdefault(key, value)
+    if config:
+        if isinstance(config.get("models"), Mapping) and isinstance(config.get("image_processing"), Mapping):
+            for key, value in _flatten_cora(config).items():
+                settings.setdefault(key, value)
+        for key in ("vision_name", "resampler_type", "latent_dimension", "resampler_config", "crop_strategy",
+                    "image_size", "overlap_ratio", "fov_deg"):
+            value = _find_key(config, (key,))
+            if value is not None:
+                settings.setdefault(key, value)
+    keys = ckpt["state_dict"].keys()
+    settings["use_vicreg_norm"] = any(str(k).startswith(layout.norm) for k in keys)
+    if not isinstance(settings.get("resampler_config"), Mapping):
+        settings["resampler_config"] = {}
+    settings["revision"] = layout.revision
+    return settings
