@@ -104,7 +104,7 @@ def test_panollava_checkpoint_with_image(ckpt, pano, tmp_path, capsys):
     data = json.loads((out / f"similarity_{Path(pano).stem}.json").read_text())
     assert data["crop_strategy"] == "e2p" and len(data["views"]) == 8  # geometry from datamodule_hyper_parameters
     assert data["levels"]["resampled"]["token_grid"] == [4, 4]
-    assert "PanoLLaVA layout (model.vision_encoder.*)" in stdout and "Mean metrics:" in stdout
+    assert "PanoLLaVA dc64bc5 layout (model.vision_backbone.encoder.*)" in stdout and "Mean metrics:" in stdout
     assert str(out) in stdout
 
 
