@@ -402,6 +402,15 @@ class PanoVizCallback(Callback):
     # ---------------------------------------------------------------- modules
     def _resolve_modules(self, pl_module: pl.LightningModule) -> tuple[Any, Any]:
         """The encoder and resampler of ``pl_module``; records their attribute paths."""
+        if self.encoder == "auto" and self.resampler == "auto":
+            from panoviz_callback.panollava.live import find_live_stage
+
+            stage = find_live_stage(pl_module)  # PanoLLaVA: the HF model, and norm + resampler as it computes them
+            if stage is not None:
+                self._paths = dict(stage.paths)
+                if self._vision_stage is None:
+                    self._vision_stage = {"family": "panollava", "revision": stage.revision}
+                return stage.encoder, stage.resampler
         encoder, self._paths["encoder"] = _find(pl_module, self.encoder, ENCODER_SEARCH, "encoder", required=True)
         resampler, self._paths["resampler"] = _find(pl_module, self.resampler, RESAMPLER_SEARCH, "resampler",
                                                     required=False, exclude=encoder)

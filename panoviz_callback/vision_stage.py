@@ -157,7 +157,10 @@ def describe_model(
 
     from panoviz_callback import panollava
 
-    layout = None if module or (state is not None and state.get("module_class")) else panollava.detect_layout(ckpt)
+    described = (state or {}).get("vision_stage")
+    by_callback = isinstance(described, Mapping) and described.get("family") == "panollava"
+    layout = None if module or (state and state.get("module_class") and not by_callback) \
+        else panollava.detect_layout(ckpt)
     if layout is not None:
         return panollava.describe(ckpt, layout, config=config, config_name=config_name, common=common)
 
