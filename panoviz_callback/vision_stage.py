@@ -125,6 +125,18 @@ class CheckpointModel:
     spec: ModelSpec
     report: LoadReport
 
+    @property
+    def views(self) -> dict[str, Any]:
+        """The views the model was trained (or probed) with: ``{"strategy", "image_size", "options"}``.
+
+        The callback's settings when the checkpoint has them, else the checkpoint's or config's
+        crop geometry (PanoLLaVA's processor conventions for a PanoLLaVA checkpoint), else e2p at 224 px;
+        usable as ``make_views(pano, v["strategy"], v["image_size"], **v["options"])``.
+        """
+        saved = dict((self.spec.callback or {}).get("settings") or {})
+        source = saved if saved.get("crop_strategy") else self.spec.geometry
+        return {"strategy": source.get("crop_strategy") or "e2p", "image_size": int(source.get("image_size") or 224),
+                "options": dict(source.get("crop_options") or {})}
 
 
 

@@ -41,6 +41,7 @@ def test_every_layout_reproduces_the_model(tmp_path, folder, revision, use_norm,
     assert settings["use_vicreg_norm"] is use_norm and settings["latent_dimension"] == 24
     model = load_vision_stage(path, log=lambda m: None)
     assert model.spec.kind == "panollava" and model.report.ok
+    assert model.views["strategy"] == "e2p" and model.views["image_size"] == tiny.SIZE
     assert isinstance(model.resampler, PanoLLaVAResampler)
     tokens, expected = _reference(ref_encoder, stage)
     with torch.no_grad():
