@@ -131,6 +131,9 @@ def _main_parser() -> _Parser:
                    "('none': no resampler level)")
     p.add_argument(*_flag("strict"), action="store_true", help="fail when any encoder/resampler weight is "
                    "missing or unexpected")
+    p.add_argument(*_flag("allow_missing_weights"), action="store_true", help="analyse a model whose encoder or "
+                   "resampler weights are partly missing from the checkpoint (randomly initialised); every output "
+                   "then says so (default: an error)")
     p.add_argument(*_flag("trust_checkpoint"), action="store_true", help="unpickle the checkpoint fully and import "
                    "the LightningModule class it names: this runs code stored in or named by the file; only for "
                    "files you trust (default: the checkpoint is read as data)")
@@ -230,7 +233,8 @@ def _run(args: argparse.Namespace) -> int:
         sources = [rn.callback_probe(spec.callback)]
     device = rn.resolve_device(args.device, _err)
 
-    model = vs.build_model(spec, ckpt, strict=args.strict, device=device, log=_err)
+    model = vs.build_model(spec, ckpt, strict=args.strict, device=device, log=_err,
+                           allow_missing=args.allow_missing_weights)
     del ckpt
     resampler = "no resampler" if model.resampler is None else type(model.resampler).__name__
     print(f"Checkpoint {args.checkpoint}: {spec.source}, {type(model.encoder).__name__} + {resampler}"
@@ -239,9 +243,12 @@ def _run(args: argparse.Namespace) -> int:
           + (f", {plan.crop_options}" if plan.crop_options else ""))
 
     runner = rn.Runner(model.encoder, model.resampler, plan, name=name, output_dir=output_dir,
-                       checkpoint=Path(args.checkpoint).absolute(), log=_err, debug=args.debug)
+                       checkpoint=Path(args.checkpoint).absolute(), log=_err, debug=args.debug,
+                       warnings=model.report.warnings)
     results = runner.run(sources)
     print(rn.format_summary(results))
+    for warning in model.report.warnings:
+        _err(f"warning: {warning}")
     probe = [r for r in results if r.source.spec is not None and r.error is None]
     if probe and plan.reproduces:
         agreement = rn.live_agreement(probe[0].scalars or {}, spec.callback, spec.global_step)

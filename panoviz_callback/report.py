@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ def format_text_report(data: dict[str, Any]) -> str:
         The report text, ending with a newline.
     """
     lines = ["Cross-view similarity analysis", "=" * 30]
+    lines += [f"WARNING: {w}" for w in data.get("warnings") or []]
     lines.append(f"image:         {data.get('image') or '(synthetic probe / in-memory)'}")
     lines.append(f"checkpoint:    {data.get('checkpoint') or '(none)'}")
     lines.append(f"crop strategy: {data.get('crop_strategy')}")
@@ -110,6 +112,7 @@ def write_reports(
     name: str,
     image: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
+    warnings: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write ``similarity_analysis_NAME.txt`` and ``similarity_NAME.json`` into ``out_dir``.
 
@@ -119,6 +122,8 @@ def write_reports(
         name: the run name used in the file names.
         image: the probe image path recorded in the reports (``None``: in-memory probe).
         checkpoint: the checkpoint path recorded in the reports.
+        warnings: caveats every report must carry (``"warnings"`` in the JSON, ``WARNING:`` lines
+            on top of the text), e.g. weights that were missing from the checkpoint.
 
     Returns:
         ``{"txt": path, "json": path}``.
@@ -130,6 +135,8 @@ def write_reports(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = result.to_dict(image=image, checkpoint=checkpoint)
+    if warnings:
+        data["warnings"] = list(warnings)
     paths = {"txt": out / f"similarity_analysis_{name}.txt", "json": out / f"similarity_{name}.json"}
     atomic_write_text(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["txt"], format_text_report(data))

@@ -347,6 +347,7 @@ class Runner:
         log: prints one line (default: to stderr).
         debug: print tracebacks of failing images.
         progress: show a progress bar (None: only on a terminal).
+        warnings: caveats every report of this run repeats (e.g. weights missing from the checkpoint).
 
     Example::
 
@@ -356,7 +357,7 @@ class Runner:
 
     def __init__(self, encoder: Any, resampler: Any, plan: RunPlan, *, name: str, output_dir: str | os.PathLike,
                  checkpoint: str | os.PathLike | None = None, log: Log | None = None, debug: bool = False,
-                 progress: bool | None = None) -> None:
+                 progress: bool | None = None, warnings: Sequence[str] = ()) -> None:
         from panoviz_callback.analysis import Analyzer
 
         self.encoder, self.resampler, self.plan = encoder, resampler, plan
@@ -364,6 +365,7 @@ class Runner:
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.log = log or _stderr
         self.debug, self.progress = debug, progress
+        self.warnings = list(warnings)
         self.analyzer = Analyzer(**plan.analysis)
         self.analyzer.load_state_dict({"pca_states": plan.pca_states})
         self._initial_states = dict(self.analyzer.pca_states)
@@ -471,7 +473,8 @@ class Runner:
         stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{os.getpid()}-", dir=out))
         try:
             staged = {**write_figures(result, stage, source.stem),
-                      **write_reports(result, stage, source.stem, image=source.recorded, checkpoint=self.checkpoint)}
+                      **write_reports(result, stage, source.stem, image=source.recorded, checkpoint=self.checkpoint,
+                                      warnings=self.warnings)}
             files = {}
             for key, path in staged.items():
                 files[key] = out / path.name

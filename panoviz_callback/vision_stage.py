@@ -94,6 +94,7 @@ class LoadReport:
     loaded: dict[str, int] = field(default_factory=dict)
     missing: dict[str, list[str]] = field(default_factory=dict)
     unexpected: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -293,7 +294,8 @@ def _import_class(spec: str, origin: str, *, allowed: bool) -> type:
 
 # ------------------------------------------------------------------------------------------- building
 def build_model(spec: ModelSpec, ckpt: Mapping[str, Any], *, strict: bool = False,
-                device: torch.device | str = "cpu", log: Log | None = None) -> CheckpointModel:
+                device: torch.device | str = "cpu", log: Log | None = None,
+                allow_missing: bool = False) -> CheckpointModel:
     """Build the encoder and resampler of ``spec`` and load the checkpoint's weights into them.
 
     Raises:
@@ -305,7 +307,7 @@ def build_model(spec: ModelSpec, ckpt: Mapping[str, Any], *, strict: bool = Fals
     if spec.kind == "panollava":
         from panoviz_callback import panollava
 
-        return panollava.build(spec, state_dict, strict=strict, device=device, log=log)
+        return panollava.build(spec, state_dict, strict=strict, device=device, log=log, allow_missing=allow_missing)
     if spec.kind == "module":
         encoder, resampler, prefixes = _build_module(spec)
     else:
@@ -325,34 +327,55 @@ def build_model(spec: ModelSpec, ckpt: Mapping[str, Any], *, strict: bool = Fals
             resampler = None
     report = LoadReport(prefixes={"encoder": prefixes["encoder"]})
     _load_part("encoder", encoder, state_dict, prefixes["encoder"], report, align=True)
+    if report.loaded["encoder"] == 0 and not report.unexpected["encoder"] and spec.kind == "panoviz" \
+            and str(spec.hparams.get("vision_name")) != "tiny":
+        report.missing["encoder"] = []  # a frozen encoder that was not saved: its pretrained weights were loaded
+        log(f"note: the checkpoint holds no encoder weights under '{prefixes['encoder']}'; the encoder keeps the "
+            f"pretrained weights of {spec.hparams.get('vision_name')}")
     if resampler is not None:
         report.prefixes["resampler"] = prefixes.get("resampler")
         _load_part("resampler", resampler, state_dict, prefixes.get("resampler"), report, align=False)
-    finish_load(report, strict, log)
+    finish_load(report, strict, log, allow_missing)
     for part in (encoder, resampler):
         if isinstance(part, nn.Module):
             part.requires_grad_(False).eval().to(device)
     return CheckpointModel(encoder=encoder, resampler=resampler, spec=spec, report=report)
 
 
-def finish_load(report: LoadReport, strict: bool, log: Log) -> None:
-    """Raise (``strict``) or warn once per part about missing or unexpected weights."""
+def finish_load(report: LoadReport, strict: bool, log: Log, allow_missing: bool = False) -> None:
+    """Refuse missing weights (a randomly initialised part), then raise (``strict``) or warn about the rest.
+
+    A part with missing keys is an error unless ``allow_missing``; then each problem is logged and
+    recorded in ``report.warnings``, which every output repeats.
+
+    Raises:
+        WeightsError: missing weights (without ``allow_missing``), or any mismatch with ``strict``.
+    """
     if report.ok:
         return
+    partial = [part for part, keys in report.missing.items() if keys]
+    if partial and not allow_missing:
+        raise WeightsError(
+            f"the checkpoint lacks weights of the {' and '.join(partial)} ({' | '.join(report.problems())}); a "
+            "randomly initialised part is never analysed (--allow_missing_weights analyses it anyway, and every "
+            "output then says so)")
     if strict:
         raise WeightsError("the checkpoint's weights do not match the model (--strict): " + " | ".join(report.problems()))
     for line in report.problems():
         log(f"warning: {line}")
+        if any(report.missing.values()):
+            report.warnings.append(f"weights missing from the checkpoint, randomly initialised: {line}")
 
 
 def load_model(path: str | os.PathLike, *, config: str | os.PathLike | None = None, module: str | None = None,
                encoder: str | None = None, resampler: str | None = None, strict: bool = False,
-               device: torch.device | str = "cpu", log: Log | None = None, trust: bool = False) -> CheckpointModel:
+               device: torch.device | str = "cpu", log: Log | None = None, trust: bool = False,
+               allow_missing: bool = False) -> CheckpointModel:
     """:func:`read_checkpoint` + :func:`load_config` + :func:`describe_model` + :func:`build_model`."""
     ckpt = read_checkpoint(path, log, trust=trust)
     cfg = load_config(config) if config is not None else None
     spec = describe_model(ckpt, config=cfg, module=module, encoder=encoder, resampler=resampler, trust=trust)
-    return build_model(spec, ckpt, strict=strict, device=device, log=log)
+    return build_model(spec, ckpt, strict=strict, device=device, log=log, allow_missing=allow_missing)
 
 
 def load_vision_stage(checkpoint: str | os.PathLike, config: str | os.PathLike | None = None, *,

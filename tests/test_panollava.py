@@ -118,13 +118,17 @@ def test_missing_weights_are_an_error(tmp_path, folder):
     sd = ckpt["state_dict"]
     del sd["model.resampler_module.resampler.mlp.6.bias"]
     torch.save(ckpt, path)
-    with pytest.raises(WeightsError, match=r"lacks weights of the resampler of this PanoLLaVA model .*mlp\.6\.bias.*"
-                                           r"a randomly initialised part is never analysed"):
+    with pytest.raises(WeightsError, match=r"lacks weights of the resampler \(.*mlp\.6\.bias.*\); a randomly "
+                                           r"initialised part is never analysed \(--allow_missing_weights"):
         load_model(path, log=lambda m: None)
     del sd["model.vision_backbone.encoder.post_layernorm.bias"]
     torch.save(ckpt, path)
     with pytest.raises(WeightsError, match=r"lacks weights of the encoder and resampler"):
         load_model(path, log=lambda m: None)
+    notes = []
+    model = load_model(path, log=notes.append, allow_missing=True)
+    assert len(model.report.warnings) == 2 and all("randomly initialised" in w for w in model.report.warnings)
+    assert any("post_layernorm.bias" in n for n in notes)
 
 
 def test_shape_mismatch_is_an_error(tmp_path, folder):

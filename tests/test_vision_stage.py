@@ -107,8 +107,10 @@ def test_panoviz_checkpoint_skips_pretrained_encoder_weights(trained, monkeypatc
     build_model(describe_model(ckpt), ckpt)
     # without encoder weights in the checkpoint the pretrained ones are kept
     ckpt["state_dict"] = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("vision_encoder.")}
-    build_model(describe_model(ckpt), ckpt)
-    assert calls == [False, True]
+    with pytest.raises(WeightsError, match=r"lacks weights of the encoder .* a randomly initialised part is never"):
+        build_model(describe_model(ckpt), ckpt)  # "tiny" has no pretrained weights: it would be random
+    model = build_model(describe_model(ckpt), ckpt, allow_missing=True, log=lambda m: None)
+    assert calls == [False, True, True] and "randomly initialised" in model.report.warnings[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from panoviz_callback.checkpoint import Log, ModelSpecError, WeightsError, _first_line, check_limit
+from panoviz_callback.checkpoint import Log, ModelSpecError, _first_line, check_limit
 from panoviz_callback.panollava.layouts import LAYOUTS, Layout, read_settings
 
 __all__ = ["PanoLLaVAResampler", "describe", "build"]
@@ -92,11 +92,13 @@ def _view_settings(settings: Mapping[str, Any]) -> dict[str, Any] | None:
         raise ModelSpecError(f"the PanoLLaVA view settings cannot be used: {_first_line(err)}") from None
 
 
-def build(spec: Any, state_dict: Mapping[str, Any], *, strict: bool, device: Any, log: Log) -> Any:
+def build(spec: Any, state_dict: Mapping[str, Any], *, strict: bool, device: Any, log: Log,
+          allow_missing: bool = False) -> Any:
     """Build and load the encoder, the LayerNorm and the resampler of a PanoLLaVA ``spec``.
 
-    Missing weights in the encoder, the norm or the resampler are an error (a randomly
-    initialised part is never analysed); with ``strict`` unexpected keys are too.
+    Missing weights in the encoder, the norm or the resampler are an error unless
+    ``allow_missing`` (a randomly initialised part is never analysed silently); with ``strict``
+    unexpected keys are too.
 
     Raises:
         ModelSpecError: the parts cannot be built (unknown resampler type, uncached ``vision_name``).
@@ -129,11 +131,7 @@ def build(spec: Any, state_dict: Mapping[str, Any], *, strict: bool, device: Any
             _load_part("norm", norm, state_dict, prefixes["norm"], report, align=False)
         report.prefixes["resampler"] = prefixes["resampler"]
         _load_part("resampler", inner, state_dict, prefixes["resampler"], report, align=False)
-    missing = [part for part, keys in report.missing.items() if keys]
-    if missing:
-        raise WeightsError(f"the checkpoint lacks weights of the {' and '.join(missing)} of this PanoLLaVA model "
-                           f"({' | '.join(report.problems())}); a randomly initialised part is never analysed")
-    finish_load(report, strict, log)
+    finish_load(report, strict, log, allow_missing)
     for part in (encoder, resampler):
         if isinstance(part, nn.Module):
             part.requires_grad_(False).eval().to(device)
