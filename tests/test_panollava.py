@@ -140,3 +140,24 @@ def test_shape_mismatch_is_an_error(tmp_path, folder):
     with pytest.raises(WeightsError, match=r"the encoder weights under 'model.vision_encoder.' do not fit the rebuilt "
                                            r"encoder: size mismatch for (vision_model.)?embeddings.patch_embedding"):
         load_model(path, log=lambda m: None)
+
+
+def test_allow_missing_weights_is_said_in_every_report(tmp_path, folder, capsys):
+    import json
+
+    from panoviz_callback.cli import main
+
+    path, _, _ = tiny.panollava_checkpoint(tmp_path / "run" / "last.ckpt", folder, revision="7227614")
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state_dict"]["model.resampler.mlp.6.bias"]
+    torch.save(ckpt, path)
+    pano = tiny.write_panorama(tmp_path / "room.png")
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(path), "--image", str(pano), "--output_dir", str(out), "--no_similarity"]) == 2
+    assert not out.exists()
+    assert main(["--checkpoint", str(path), "--image", str(pano), "--output_dir", str(out), "--no_similarity",
+                 "--allow_missing_weights"]) == 0
+    data = json.loads((out / "similarity_room.json").read_text())
+    assert len(data["warnings"]) == 1 and "mlp.6.bias" in data["warnings"][0]
+    assert (out / "similarity_analysis_room.txt").read_text().splitlines()[2].startswith("WARNING: weights missing")
+    assert "randomly initialised" in capsys.readouterr().err
