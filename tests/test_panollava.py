@@ -153,7 +153,7 @@ def test_allow_missing_weights_is_said_in_every_report(tmp_path, folder, capsys)
     torch.save(ckpt, path)
     pano = tiny.write_panorama(tmp_path / "room.png")
     out = tmp_path / "out"
-    assert main(["--checkpoint", str(path), "--image", str(pano), "--output_dir", str(out), "--no_similarity"]) == 2
+    assert main(["--checkpoint", str(path), "--image", str(pano), "--output_dir", str(out), "--no_similarity"]) == 1
     assert not out.exists()
     assert main(["--checkpoint", str(path), "--image", str(pano), "--output_dir", str(out), "--no_similarity",
                  "--allow_missing_weights"]) == 0
