@@ -121,6 +121,7 @@ def build_panollava_resampler(
             weights whose input / output sizes differ from ``vision_dim`` / ``latent_dim``.
 
     Example:
+        >>> import torch
         >>> m = build_panollava_resampler("mlp", vision_dim=8, latent_dim=4, config={"depth": 2})
         >>> m(torch.rand(2, 5, 8)).shape, m.layout
         (torch.Size([2, 5, 4]), 'grid')

@@ -25,12 +25,16 @@ from panoviz_callback.panollava.resamplers._base import _TokenWise
 
 __all__ = ["MambaMixer", "BiMambaBlock", "BiMambaResampler", "selective_scan"]
 
+_CHUNK_ELEMENTS = 1 << 23  # time steps are batched so that one (V, T, E, S) buffer stays near 32 MB
+
 
 def selective_scan(u: Tensor, delta: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, z: Tensor) -> Tensor:
     """The S6 selective scan, gated: ``y_t = C_t . h_t + D u_t``, times ``SiLU(z_t)``.
 
     Runs the recurrence ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t`` over the sequence in
-    float32, vectorised over views, channels and states.
+    float32 (float64 for float64 inputs), vectorised over views, channels and states: the decays
+    and inputs of a block of time steps are computed at once, then one fused multiply-add per
+    step carries the state.
 
     Args:
         u: inputs ``(V, L, E)``.
@@ -45,15 +49,22 @@ def selective_scan(u: Tensor, delta: Tensor, a: Tensor, b: Tensor, c: Tensor, d:
         ``(V, L, E)`` in ``u``'s dtype.
     """
     dtype = u.dtype
-    u, delta, a, b, c, z = (t.float() for t in (u, delta, a, b, c, z))
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    u, delta, a, b, c, z, d = (t.to(work) for t in (u, delta, a, b, c, z, d))
     v, length, e = u.shape
-    h = u.new_zeros(v, e, a.shape[1])  # (V, E, S)
-    du = delta * u  # (V, L, E)
+    s = a.shape[1]
+    chunk = max(1, min(length, _CHUNK_ELEMENTS // max(v * e * s, 1)))
+    h = u.new_zeros(v, e, s)  # (V, E, S)
     ys = []
-    for t in range(length):
-        h = torch.exp(delta[:, t, :, None] * a) * h + du[:, t, :, None] * b[:, t, None, :]  # (V, E, S)
-        ys.append(torch.einsum("ves,vs->ve", h, c[:, t]))
-    y = torch.stack(ys, dim=1) + u * d.float()  # (V, L, E)
+    for start in range(0, length, chunk):
+        sl = slice(start, start + chunk)
+        decay = torch.exp(delta[:, sl, :, None] * a)  # (V, T, E, S)
+        drive = (delta[:, sl] * u[:, sl])[..., None] * b[:, sl, None, :]  # (V, T, E, S)
+        states = torch.empty_like(decay)
+        for t in range(decay.shape[1]):
+            h = torch.addcmul(drive[:, t], decay[:, t], h, out=states[:, t])  # h_t = dA_t h_{t-1} + dBu_t
+        ys.append(torch.einsum("vtes,vts->vte", states, c[:, sl]))
+    y = torch.cat(ys, dim=1) + u * d  # (V, L, E)
     return (y * F.silu(z)).to(dtype)
 
 
@@ -98,8 +109,9 @@ class MambaMixer(nn.Module):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (V, L, E) each
         x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length]).transpose(1, 2)  # (V, L, E)
         dt, b, c = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(F.linear(dt, self.dt_proj.weight).float() + self.dt_proj.bias.float())  # (V, L, E)
-        a = -torch.exp(self.A_log.float())  # (E, S)
+        work = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        delta = F.softplus(F.linear(dt, self.dt_proj.weight).to(work) + self.dt_proj.bias.to(work))  # (V, L, E)
+        a = -torch.exp(self.A_log.to(work))  # (E, S)
         y = selective_scan(x, delta, a, b, c, self.D, z)
         return self.out_proj(y)
 
