@@ -346,3 +346,15 @@ def test_perceiver_same_width_has_no_proj():
     module, _ = _build("perceiver", shapes, latent=D)
     assert (module.ff_mult, module.heads, module.dim_head) == (0, 8, 2)
     assert module(_tokens()).shape == (2, 3, D)
+
+
+@pytest.mark.parametrize(("rtype", "config", "match"), [
+    ("mlp", {"hidden_dim": 10 ** 9}, r"The mlp resampler's `hidden_dim` is 1000000000, outside 0\.\.65536\."),
+    ("perceiver", {"depth": 10 ** 4}, r"`depth` is 10000, outside 0\.\.256\."),
+    ("qformer", {"num_query_tokens": 600}, r"600 queries exceed BERT's 512 positions"),
+])
+def test_exception_config_caps(rtype, config, match):
+    with pytest.raises(ValueError, match=match):
+        build_panollava_resampler(rtype, vision_dim=D, latent_dim=L, config=config)
+    with pytest.raises(TypeError, match="mapping of names to tensors"):
+        build_panollava_resampler(rtype, vision_dim=D, latent_dim=L, state_dict={"proj.weight": [1.0]})

@@ -130,6 +130,9 @@ def build_panollava_resampler(
     rev = _REVISIONS[str(revision).lower()]
     if config is not None and not isinstance(config, Mapping):
         raise TypeError(f"Expected `config` to be a mapping, got {type(config).__name__}.")
+    if state_dict is not None and not (isinstance(state_dict, Mapping)
+                                       and all(isinstance(t, Tensor) for t in state_dict.values())):
+        raise TypeError("Expected `state_dict` to be a mapping of names to tensors.")
     built = rtype
     if rtype == "bimamba" and _is_mlp_fallback(state_dict):
         built, opts = "mlp", _options("bimamba_fallback", rev, config)
@@ -145,9 +148,28 @@ def build_panollava_resampler(
                 raise ValueError(f"The perceiver's attention width {inner} is not divisible by its "
                                  f"{opts['heads']} heads (`heads` in the config).")
             opts["dim_head"] = inner // opts["heads"]
+    _check_caps(rtype, opts, vision_dim, latent_dim)
     module = _CLASSES[built](int(vision_dim), int(latent_dim), **opts)
     module.panollava_type = rtype  # type: ignore[assignment]
     return module.eval()
+
+
+_MAX_SIZE = 1 << 16  # no config value may size a layer beyond this (a file is data, not an allocation order)
+_MAX_DEPTH = 256
+
+
+def _check_caps(rtype: str, opts: Mapping[str, Any], vision_dim: int, latent_dim: int) -> None:
+    sizes = {"vision_dim": vision_dim, "latent_dim": latent_dim, **opts}
+    for key, value in sizes.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            cap = _MAX_DEPTH if key in ("depth", "depths", "num_layers", "num_hidden_layers", "mlp_depth") else _MAX_SIZE
+            if item < 0 or item > cap:
+                raise ValueError(f"The {rtype} resampler's `{key}` is {item}, outside 0..{cap}.")
+    if rtype == "qformer" and opts.get("num_queries", 0) > 512:
+        raise ValueError(f"The qformer resampler's {opts['num_queries']} queries exceed BERT's 512 positions.")
 
 
 def _check_dims(rtype: str, in_dim: int, out_dim: int, vision_dim: int, latent_dim: int) -> None:
