@@ -114,7 +114,8 @@ def build_panollava_resampler(
             (``model.resampler_module.resampler.`` / ``model.resampler.``).
 
     Returns:
-        A :class:`PanoResampler` in eval mode: ``(V, N, vision_dim) -> (V, M, latent_dim)``.
+        A :class:`PanoResampler` in eval mode: ``(V, N, vision_dim) -> (V, M, latent_dim)``; its
+        ``panollava_type`` is the canonical type asked for (``"bimamba"`` also for the MLP fallback).
 
     Raises:
         ValueError: an unknown type or revision, a missing weight the sizes are read from, or
