@@ -31,6 +31,7 @@ __all__ = ["FILTERS", "resize_images", "quantize_8bit"]
 FILTERS = {"bilinear": 1.0, "bicubic": 2.0, "lanczos": 3.0}
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point weights for 8-bit images
 _CACHE_SIZE = 32
+_CHUNK_ROWS = 256
 
 
 def _kernel(name: str, x: float) -> float:
@@ -92,6 +93,16 @@ def _pass_8bit(x: Tensor, weights: Tensor, dim: int) -> Tensor:
     return torch.floor((out + float(1 << (_PRECISION_BITS - 1))) / float(1 << _PRECISION_BITS)).clamp_(0, 255)
 
 
+def _levels(x: Tensor) -> Tensor:
+    """``[0, 1]`` floats -> the integer levels ``0..255`` (float64) of an 8-bit image."""
+    return quantize_8bit(x).mul_(255.0).round_()
+
+
+def _horizontal(chunk: Tensor, wx: Tensor, quantize: bool) -> Tensor:
+    x = chunk.to(torch.float64)
+    return _pass_8bit(_levels(x), wx, -1) if quantize else x @ wx.T
+
+
 def resize_images(
     images: Tensor,
     out_hw: tuple[int, int],
@@ -129,12 +140,11 @@ def resize_images(
     _check_range(min(out_h, out_w), "out_hw", 1)
     _, _, h, w = images.shape
     dtype = images.dtype
-    x = images.to(torch.float64)
-    if quantize:
-        x = quantize_8bit(x).mul_(255.0).round_()  # integer levels 0..255
-    if w != out_w:
+    if w != out_w:  # in row chunks: a large panorama is never copied whole in float64
         wx = _weights(w, out_w, filter, quantize).to(images.device)
-        x = _pass_8bit(x, wx, -1) if quantize else x @ wx.T
+        x = torch.cat([_horizontal(chunk, wx, quantize) for chunk in images.split(_CHUNK_ROWS, dim=2)], dim=2)
+    else:
+        x = _levels(images.to(torch.float64)) if quantize else images.to(torch.float64)
     if h != out_h:
         wy = _weights(h, out_h, filter, quantize).to(images.device)
         x = _pass_8bit(x, wy, -2) if quantize else wy @ x
