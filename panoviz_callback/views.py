@@ -20,6 +20,28 @@ Strategies (``make_views(pano, strategy, image_size, **options)``):
 
 Every strategy accepts ``patch_size`` (default 16, ViT-B/16; only used to check that
 ``image_size`` holds at least one patch).
+
+Pipeline options (the views another preprocessing fed its model, e.g. PanoLLaVA's: see
+:func:`panoviz_callback.panollava.views.panollava_view_settings`; they appear in
+``ViewSet.options`` only when given, and every camera stays exact for the pixels it describes):
+
+- e2p / anyres_e2p ``yaws``: explicit tile yaws (any order; pairs are neighbours by angle).
+- e2p ``central_crop_ratio``: render ``S x S``, cut ``int(S * (1 - r) / 2)`` rows off the top and
+  the bottom, stretch back to ``S x S``: a camera with its own vertical FoV,
+  ``tan(vfov / 2) = tan(fov / 2) * (S - 2 cut) / S``.
+- anyres_e2p ``tile_render_size`` ``R``: tiles rendered at ``R x R`` and resized to ``S`` bilinearly
+  without antialiasing (``tan(fov' / 2) = tan(fov / 2) R (S - 1) / (S (R - 1))``);
+  ``global_render_size`` ``G``: the ERP letterboxed into ``G x G`` with Pillow's bicubic filter, then
+  resized to ``S`` bilinearly.
+- sliding_window ``origin``: ``"centre"`` (window k centred at yaw ``k * 360 / V``) or ``"column0"``
+  (window k starts at column ``k * int(w (1 - overlap))``, ``w = int(W fov / 360)``);
+  ``polar_margin`` ``m``: ``H // m`` rows dropped at the top and the bottom first;
+  ``square_tolerance`` (0): cut the band to a centred square (rows, or columns when the band is
+  wider than tall) when ``|w / h - 1|`` exceeds it; None keeps the whole band, stretched.
+- e2p, sliding_window ``resample``: ``"bilinear"`` (torch, antialiased), ``"bicubic"`` or
+  ``"lanczos"`` (Pillow's filters, :mod:`panoviz_callback.resampling`) for the stretch / window resize.
+- every strategy ``quantize`` (False): round the panorama and every step an 8-bit pipeline stores
+  (a rendered view, a Pillow resize) to 1/255 steps.
 """
 
 from __future__ import annotations
@@ -273,6 +295,10 @@ def make_views(
               ``num_views`` (derived from both when None), ``patch_size`` (16).
             - anyres_e2p: the same plus ``pitches`` ((0,), each in [-90, 90]).
             - cubemap: ``faces`` (4 or 6), ``patch_size``.
+            - the pipeline options of the module docstring: ``yaws``, ``central_crop_ratio``
+              (in (0, 1]), ``tile_render_size`` / ``global_render_size`` (>= 2), ``origin``,
+              ``polar_margin`` (>= 2), ``square_tolerance`` (>= 0 or None), ``resample``,
+              ``quantize``.
 
     Returns:
         A :class:`ViewSet` on the panorama's device, ``pixels`` ``(V, 3, S, S)`` float32.
