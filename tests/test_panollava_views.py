@@ -227,7 +227,8 @@ def test_settings_flat_hparams_and_aliases():
     s = panollava_view_settings(flat, "aa3e2ae")
     assert s["image_size"] == 192 and s["convention"] == "panollava-head"
     opts = s["options"]
-    assert (opts["fov_deg"], opts["overlap"], opts["tile_render_size"], opts["global_render_size"]) == (120, 0.25, 512, 224)
+    assert (opts["fov_deg"], opts["overlap"]) == (120, 0.25)
+    assert (opts["tile_render_size"], opts["global_render_size"]) == (512, 224)
     assert opts["yaws"] == [-120.0, -30.0, 60.0]  # from -180 + 60, 90 apart, while below 180 - 60
     assert opts["pitches"] == [10.0]  # an equal range is one row at that pitch
 
