@@ -179,7 +179,7 @@ def _resolve_extra(strategy: str, opts: dict[str, Any], given: dict[str, Any]) -
         if given.get(name) is not None:
             opts[name] = _whole(given[name], name, 2)
     if given.get("polar_margin") is not None:
-        opts["polar_margin"] = _whole(given["polar_margin"], "polar_margin", 2)
+        opts["polar_margin"] = _whole(given["polar_margin"], "polar_margin", 3)
     if "square_tolerance" in given and given["square_tolerance"] is not None:
         opts["square_tolerance"] = float(given["square_tolerance"])
         _check_range(opts["square_tolerance"], "square_tolerance", 0)
@@ -297,7 +297,7 @@ def make_views(
             - cubemap: ``faces`` (4 or 6), ``patch_size``.
             - the pipeline options of the module docstring: ``yaws``, ``central_crop_ratio``
               (in (0, 1]), ``tile_render_size`` / ``global_render_size`` (>= 2), ``origin``,
-              ``polar_margin`` (>= 2), ``square_tolerance`` (>= 0 or None), ``resample``,
+              ``polar_margin`` (>= 3), ``square_tolerance`` (>= 0 or None), ``resample``,
               ``quantize``.
 
     Returns:

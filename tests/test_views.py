@@ -223,7 +223,7 @@ def test_uint8_panorama(textured_panorama):
         ({"strategy": "anyres_e2p", "tile_render_size": 1}, ValueError, r"Argument `tile_render_size` must be in \[2"),
         ({"strategy": "anyres_e2p", "global_render_size": 2.5}, ValueError, r"`global_render_size` must be a whole"),
         ({"strategy": "sliding_window", "origin": "left"}, ValueError, r"Argument `origin` must be one of"),
-        ({"strategy": "sliding_window", "polar_margin": 1}, ValueError, r"Argument `polar_margin` must be in \[2"),
+        ({"strategy": "sliding_window", "polar_margin": 2}, ValueError, r"Argument `polar_margin` must be in \[3"),
         ({"strategy": "sliding_window", "square_tolerance": -1}, ValueError, r"Argument `square_tolerance` must be"),
         ({"strategy": "cubemap", "central_crop_ratio": 0.9}, ValueError, r"Unknown option 'central_crop_ratio'"),
     ],
