@@ -219,6 +219,7 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
                 raise UsageError(f"--{flag} does not apply to --crop_strategy {strategy}")
             crop[key] = float(options[flag])
             crop.pop("num_views", None)  # derived from fov and overlap
+            crop.pop("yaws", None)
     image_size = options.get("image_size") or base.get("image_size") or geometry.get("image_size") or 224
     try:
         make_views(torch.zeros(3, 8, 16), strategy, int(image_size), **crop)

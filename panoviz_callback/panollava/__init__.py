@@ -1,6 +1,6 @@
-"""PanoLLaVA compatibility: its checkpoint layouts, configs, resamplers and view conventions.
+"""PanoLLaVA (``wooseungw/panollava``) specifics: its checkpoints' layouts, resamplers and view conventions.
 
-Everything specific to PanoLLaVA (``wooseungw/panollava``) lives here, rebuilt from its
-published facts (architectures, parameter names, defaults) in this package's own code;
-nothing here imports PanoLLaVA or runs code from a checkpoint.
+Modules:
+    views: :func:`~panoviz_callback.panollava.views.panollava_view_settings`, PanoLLaVA's processor
+        settings -> ``make_views`` arguments.
 """
