@@ -412,6 +412,24 @@ def _window_box(cam: CameraLike, erp_h: int, erp_w: int) -> tuple[int, int, int,
     return c0, ww, min(max(r0, 0), erp_h - hh), hh
 
 
+def _window_crops(flat: Tensor, cameras: Sequence[CameraLike]) -> list[tuple[list[int], Tensor]]:
+    """The ERP crops of the window cameras of ``flat (C', H, W)``, batched by crop size: a list of
+    (view indices, ``(n, C', hh, ww)`` crops), columns wrapping around the seam."""
+    erp_h, erp_w = flat.shape[-2:]
+    groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    for k, cam in enumerate(cameras):
+        if cam.kind == "window":
+            c0, ww, r0, hh = _window_box(cam, erp_h, erp_w)
+            groups.setdefault((ww, r0, hh), []).append((k, c0))
+    out = []
+    for (ww, r0, hh), members in groups.items():
+        cols = (torch.tensor([c0 for _, c0 in members])[:, None] + torch.arange(ww)).remainder(erp_w)
+        crop = flat[:, r0:r0 + hh].index_select(2, cols.reshape(-1).to(flat.device))  # (C', hh, n*ww)
+        crop = crop.reshape(flat.shape[0], hh, len(members), ww).permute(2, 0, 1, 3)  # (n, C', hh, ww)
+        out.append(([k for k, _ in members], crop))
+    return out
+
+
 def _check_pano(pano: object, name: str = "pano") -> None:
     if not isinstance(pano, Tensor):
         raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(pano).__name__}.")
@@ -535,17 +553,8 @@ def sample_views(
         if persp:
             out[persp] = _sample_perspective(pano4, views, (s, s), mode)
     flat = pano4.reshape(b * c, erp_h, erp_w) if len(persp) < len(cameras) else None  # (B*C, H, W)
-    groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
-    for k, cam in enumerate(cameras):
-        if cam.kind == "window":
-            c0, ww, r0, hh = _window_box(cam, erp_h, erp_w)
-            groups.setdefault((ww, r0, hh), []).append((k, c0))
-    for (ww, r0, hh), members in groups.items():
-        cols = (torch.tensor([c0 for _, c0 in members])[:, None] + torch.arange(ww)).remainder(erp_w)
-        crop = flat[:, r0:r0 + hh].index_select(2, cols.reshape(-1).to(pano.device))  # (C', hh, n*ww)
-        crop = crop.reshape(b * c, hh, len(members), ww).permute(2, 0, 1, 3)  # (n, C', hh, ww)
-        out[[k for k, _ in members]] = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True,
-                                                     align_corners=False)
+    for members, crop in _window_crops(flat, cameras) if flat is not None else []:
+        out[members] = F.interpolate(crop, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
     glob = [k for k, cam in enumerate(cameras) if cam.kind == "global"]
     if glob:
         top, hc = _letterbox(s)

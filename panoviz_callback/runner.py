@@ -269,6 +269,7 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
                 raise UsageError(f"--{flag} does not apply to --crop_strategy {strategy}")
             crop[key] = float(options[flag])
             crop.pop("num_views", None)  # derived from fov and overlap
+            crop.pop("yaws", None)
     image_size = options.get("image_size") or base.get("image_size") or geometry.get("image_size") or 224
     _check_file_values(int(image_size) if isinstance(image_size, int | float) else image_size, crop, saved)
     try:

@@ -239,3 +239,89 @@ def test_stitch_ignores_global_view(textured_panorama):
     out, covered = stitch_equirect(images, vs, (64, 128))
     ref, ref_covered = stitch_equirect(vs.pixels[1:], make_views(pano, "e2p", image_size=64), (64, 128))
     assert torch.equal(covered, ref_covered) and (out - ref).abs().max() < 1e-5
+
+
+# ---- PanoLLaVA's cameras: non-square perspective views, render-size tiles, tall windows -------------
+def _panollava_views(pano, revision, strategy, size=S_SMALL, **config):
+    from panoviz_callback.panollava.views import panollava_view_settings
+
+    cfg = {"crop_strategy": strategy, "image_size": size, "use_vision_processor": False, **config}
+    s = panollava_view_settings(cfg, revision)
+    # no 8-bit rounding: the direction-encoding panorama keeps its precision
+    return make_views(pano, s["strategy"], s["image_size"], patch_size=8, **{**s["options"], "quantize": False})
+
+
+PANOLLAVA_CASES = [("head", "e2p"), ("head", "anyres_e2p"), ("head", "sliding_window"), ("dc64bc5", "sliding_window"),
+                   ("dc64bc5", "cubemap")]
+
+
+@pytest.mark.parametrize(("revision", "strategy"), PANOLLAVA_CASES)
+def test_panollava_cameras_describe_their_pixels(direction_panorama, revision, strategy):
+    """Every pixel's camera ray is the direction its pixel value encodes (rendered through the crop,
+    the stretch, the render size and Lanczos / bilinear resizing)."""
+    from panoviz_callback.projection import pixel_to_direction
+
+    vs = _panollava_views(direction_panorama(256).float(), revision, strategy)
+    s = vs.image_size
+    ys, xs = torch.meshgrid(torch.arange(3, s - 3), torch.arange(3, s - 3), indexing="ij")  # clear of edge ringing
+    xy = torch.stack([xs, ys], dim=-1).reshape(1, -1, 2).double()
+    rays, valid = pixel_to_direction(xy, vs.cameras, s)  # (V, M, 3)
+    decoded = F.normalize(vs.pixels.double() * 2 - 1, dim=1)[:, :, ys.reshape(-1), xs.reshape(-1)].transpose(1, 2)
+    tiles = [k for k, c in enumerate(vs.cameras) if c.kind != "global"]
+    err = _angle_deg(rays[tiles], decoded[tiles])  # (V', M) degrees
+    pixel_deg = max(c.vfov_deg or c.fov_deg for c in vs.cameras if c.kind != "global") / s
+    assert err.mean() < 0.1 * pixel_deg and err.max() < 0.5 * pixel_deg, (float(err.mean()), float(err.max()))
+
+
+def test_panollava_e2p_camera_is_the_cropped_render():
+    """The stretched crop's camera against rays computed from PanoLLaVA's pipeline in closed form:
+    output row y samples render row ``(y + 0.5) (S - 2 cut) / S - 0.5 + cut`` of an S x S view."""
+    from panoviz_callback.projection import pixel_to_direction
+
+    vs = _panollava_views(torch.rand(3, 32, 64), "dc64bc5", "e2p", size=224)
+    s, cut, t = 224, 11, math.tan(math.radians(45))
+    x = torch.arange(s, dtype=torch.float64)
+    y_in = (x + 0.5) * (s - 2 * cut) / s - 0.5 + cut
+    tx = (t * (2 * x / (s - 1) - 1)).expand(s, s)  # (y, x)
+    ty = (t * (1 - 2 * y_in / (s - 1)))[:, None].expand(s, s)
+    for cam in vs.cameras:
+        yaw = math.radians(cam.yaw_deg)  # rotate the camera-frame ray (tx, ty, 1) about the up axis
+        ray = torch.stack([tx * math.cos(yaw) + math.sin(yaw), ty, -tx * math.sin(yaw) + math.cos(yaw)], dim=-1)
+        ys, xs = torch.meshgrid(x, x, indexing="ij")
+        ours, _ = pixel_to_direction(torch.stack([xs, ys], dim=-1), cam, s)
+        assert (ours - F.normalize(ray, dim=-1)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(("revision", "strategy", "pairs", "token_deg"), [
+    ("head", "e2p", [(0, 1), (7, 0), (3, 4)], TOKEN_DEG),
+    ("head", "anyres_e2p", [(1, 2), (4, 5), (8, 1)], TOKEN_DEG),  # listed 0..135, -180..-45: (8, 1) is -45 -> 0
+    ("head", "sliding_window", [(0, 1), (7, 0)], 150 / GRID[0]),
+])
+def test_panollava_correspondence_against_directions(direction_panorama, revision, strategy, pairs, token_deg):
+    vs = _panollava_views(direction_panorama(256).float(), revision, strategy)
+    for i, j in pairs:
+        idx_i, _ = _check_against_directions(vs, i, j, token_deg)
+        assert len(idx_i) > 0
+    if strategy == "sliding_window":  # 150 deg tall windows, half a window apart: an exact column shift
+        idx_i, idx_j = patch_correspondence(vs, 0, 1, GRID)
+        expected = torch.tensor([r * 14 + c for r in range(14) for c in range(7, 14)])
+        assert torch.equal(idx_i, expected) and torch.equal(idx_j, expected - 7)
+
+
+def test_panollava_warp_and_stitch(textured_panorama):
+    pano = textured_panorama(256, seed=2, max_freq=4.0).float()
+    vs = _panollava_views(pano, "head", "e2p", size=128)
+    assert {round(c.vfov_deg, 6) for c in vs.cameras} == {round(math.degrees(2 * math.atan(116 / 128)), 6)}
+    warped, mask = warp_pairs(vs.pixels, vs)
+    for p, (i, _) in enumerate(vs.pairs):
+        diff = (warped[p] - vs.pixels[i]).abs()[:, mask[p]]
+        assert mask[p].float().mean() > 0.4 and diff.mean() < 0.01 and diff.max() < 0.1, (p, float(diff.mean()))
+    out, covered = stitch_equirect(vs.pixels, vs, (128, 256))
+    err = (out - F.interpolate(pano[None], size=(128, 256), mode="area")[0]).abs()[:, covered]
+    assert err.mean() < 0.02, float(err.mean())
+    lat = 90 - (torch.arange(128) + 0.5) * 180 / 128
+    assert covered[lat.abs() < 38].all() and not covered[lat.abs() > 42.2].any()  # tan(vfov / 2) = 116 / 128
+    # HEAD's windows cover the band without the polar margins (256 // 12 = 21 rows off each side)
+    vw = _panollava_views(pano, "head", "sliding_window", size=128)
+    _, covered = stitch_equirect(vw.pixels, vw, (256, 512))
+    assert torch.equal(covered.all(dim=1), (torch.arange(256) >= 21) & (torch.arange(256) < 235))

@@ -232,6 +232,16 @@ def test_plan_geometry_without_callback():
     assert plan_run(_NO_FLAGS, None).crop_strategy == "e2p" and plan_run(_NO_FLAGS, None).image_size == 224
 
 
+def test_plan_panollava_view_settings():
+    from panoviz_callback.panollava.views import panollava_view_settings
+
+    s = panollava_view_settings({"crop_strategy": "e2p", "image_size": 64}, "dc64bc5")
+    geometry = {"crop_strategy": s["strategy"], "image_size": s["image_size"], "crop_options": s["options"]}
+    assert plan_run(_NO_FLAGS, None, geometry).crop_options == s["options"]  # PanoLLaVA's views kept as they are
+    plan = plan_run({**_NO_FLAGS, "fov": 120}, None, geometry)  # its yaws came from fov and overlap
+    assert "yaws" not in plan.crop_options and plan.crop_options["central_crop_ratio"] == 0.9
+
+
 @pytest.mark.parametrize(("flags", "match"), [
     ({"crop_strategy": "cubemap", "fov": 100}, r"--fov does not apply to --crop_strategy cubemap"),
     ({"overlap": 1.5}, r"invalid crop settings .*Argument `overlap` must be in \[0, 1\)"),

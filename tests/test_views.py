@@ -122,6 +122,55 @@ def test_sliding_window_snaps_to_pixels(textured_panorama):
         assert cam.vfov_deg == pytest.approx(24 * 180 / 50)  # band height = width (24 px)
 
 
+def test_e2p_yaws_and_central_crop(textured_panorama):
+    pano = textured_panorama(64).float()
+    yaws = [0.0, 90.0, 180.0, -90.0]
+    vs = make_views(pano, "e2p", image_size=40, yaws=yaws, central_crop_ratio=0.9)
+    assert [c.yaw_deg for c in vs.cameras] == yaws and vs.options["num_views"] == 4
+    assert vs.pairs == _cyclic(4)
+    # int(40 * (1 - 0.9) / 2) = 1 row off each side (1 - 0.9 < 0.1 in floating point), 38 rows stretched to 40
+    assert [c.vfov_deg for c in vs.cameras] == pytest.approx([math.degrees(2 * math.atan(38 / 40))] * 4)
+    render = erp_to_perspective(pano, yaws, 0.0, 90.0, (40, 40))[:, :, 1:39]
+    ref = F.interpolate(render, size=(40, 40), mode="bilinear", antialias=True, align_corners=False)
+    assert _max_diff(vs.pixels, ref) < 1e-6
+    # out-of-order yaws pair up by angle
+    vs = make_views(pano, "e2p", image_size=16, yaws=[0, 180, 90, 270])
+    assert sorted(vs.pairs) == [(0, 2), (1, 3), (2, 1), (3, 0)]
+    assert make_views(pano, "e2p", 16, central_crop_ratio=1.0).cameras[0].vfov_deg is None  # nothing cut
+
+
+def test_anyres_e2p_render_sizes(textured_panorama):
+    pano = textured_panorama(64).float()  # (3, 64, 128)
+    vs = make_views(pano, "anyres_e2p", image_size=32, tile_render_size=96, global_render_size=48)
+    fov = math.degrees(2 * math.atan(96 * 31 / (32 * 95)))  # align_corners=False resize of the render
+    assert all(c.fov_deg == pytest.approx(fov) and c.vfov_deg is None for c in vs.cameras[1:])
+    tiles = erp_to_perspective(pano, [c.yaw_deg for c in vs.cameras[1:]], 0.0, 90.0, (96, 96))
+    ref = F.interpolate(tiles, size=(32, 32), mode="bilinear", align_corners=False)
+    assert _max_diff(vs.pixels[1:], ref) < 1e-6
+    # global: 48 x 24 letterboxed at rows 12..35 of 48, then 32 px: rows 8..23 hold the ERP
+    assert vs.pixels[0, :, :7].abs().max() == 0 and vs.pixels[0, :, 25:].abs().max() == 0
+    assert vs.pixels[0, :, 9:23].min() > 0
+
+
+def test_sliding_window_column0_and_band(textured_panorama):
+    pano = textured_panorama(120).float()  # (3, 120, 240): windows 60 px wide, stride 30 px
+    vs = make_views(pano, "sliding_window", image_size=24, origin="column0", polar_margin=12, square_tolerance=None)
+    assert [c.yaw_deg for c in vs.cameras] == pytest.approx([-135.0 + 45.0 * k for k in range(8)])
+    assert {(c.fov_deg, c.vfov_deg, c.pitch_deg) for c in vs.cameras} == {(90.0, 150.0, 0.0)}
+    for k in range(8):  # columns 30 k .. 30 k + 59 (wrapping), rows 10 .. 109
+        crop = torch.roll(pano, -30 * k, dims=-1)[:, 10:110, :60]
+        ref = F.interpolate(crop[None], size=(24, 24), mode="bilinear", antialias=True, align_corners=False)[0]
+        assert _max_diff(vs.pixels[k], ref) < 1e-6, k
+    # with a tolerance the band is cut to a centred square unless it is nearly square already
+    square = make_views(pano, "sliding_window", 24, origin="column0", polar_margin=12, square_tolerance=0.1)
+    assert {(c.fov_deg, c.vfov_deg) for c in square.cameras} == {(90.0, None)}
+    wide = make_views(pano, "sliding_window", 24, fov_deg=170, polar_margin=12, square_tolerance=0.1)
+    assert {(round(c.fov_deg, 6), c.vfov_deg) for c in wide.cameras} == {(150.0, None)}  # 113 -> 100 columns
+    lanczos = make_views(pano, "sliding_window", 24, resample="lanczos", quantize=True)
+    assert torch.equal((lanczos.pixels * 255).round(), lanczos.pixels * 255)  # 8-bit levels
+    assert _max_diff(lanczos.pixels, make_views(pano, "sliding_window", 24).pixels) < 0.1
+
+
 def test_viewset_to_and_len(device, textured_panorama):
     vs = make_views(textured_panorama(32).float(), "cubemap", image_size=16)
     moved = vs.to(device)
@@ -166,6 +215,17 @@ def test_uint8_panorama(textured_panorama):
         ({"strategy": "anyres_e2p", "pitches": (0, 100)}, ValueError,
          r"Argument `pitches` must be in \[-90, 90\], got 100.0"),
         ({"strategy": "anyres_e2p", "pitches": ()}, ValueError, r"Argument `pitches` must hold at least one pitch"),
+        ({"yaws": []}, ValueError, r"Argument `yaws` must hold at least one yaw"),
+        ({"yaws": [0, 90], "num_views": 3}, ValueError, r"`num_views` \(3\) and `yaws` \(2 angles\) disagree"),
+        ({"central_crop_ratio": 0}, ValueError, r"Argument `central_crop_ratio` must be in \(0, 1\]"),
+        ({"resample": "nearest"}, ValueError, r"`resample` must be one of \('bilinear', 'bicubic', 'lanczos'\)"),
+        ({"quantize": 1}, ValueError, r"Argument `quantize` must be True or False"),
+        ({"strategy": "anyres_e2p", "tile_render_size": 1}, ValueError, r"Argument `tile_render_size` must be in \[2"),
+        ({"strategy": "anyres_e2p", "global_render_size": 2.5}, ValueError, r"`global_render_size` must be a whole"),
+        ({"strategy": "sliding_window", "origin": "left"}, ValueError, r"Argument `origin` must be one of"),
+        ({"strategy": "sliding_window", "polar_margin": 2}, ValueError, r"Argument `polar_margin` must be in \[3"),
+        ({"strategy": "sliding_window", "square_tolerance": -1}, ValueError, r"Argument `square_tolerance` must be"),
+        ({"strategy": "cubemap", "central_crop_ratio": 0.9}, ValueError, r"Unknown option 'central_crop_ratio'"),
     ],
 )
 def test_exception(kwargs, error, match):
