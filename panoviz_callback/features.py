@@ -450,7 +450,7 @@ def apply_resampler(
     if result.shape[0] != tokens.shape[0]:
         raise ValueError(f"Expected {name} to keep the {tokens.shape[0]} views, got {result.shape[0]}.")
     mode = layout if layout != "auto" else _declared_layout(base)
-    grid = None if mode == "queries" else _resampled_grid(features, tokens.shape[1], result.shape[1])
+    grid = None if mode == "queries" else _resampled_grid(features, _patch_tokens(features).shape[1], result.shape[1])
     if grid is None and mode == "grid":
         raise ValueError(
             f"Argument `layout` is 'grid' but {name} returned {result.shape[1]} tokens, which is neither the input "

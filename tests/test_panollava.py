@@ -161,3 +161,62 @@ def test_allow_missing_weights_is_said_in_every_report(tmp_path, folder, capsys)
     assert len(data["warnings"]) == 1 and "mlp.6.bias" in data["warnings"][0]
     assert (out / "similarity_analysis_room.txt").read_text().splitlines()[2].startswith("WARNING: weights missing")
     assert "randomly initialised" in capsys.readouterr().err
+
+
+_TINY_CONFIGS = {
+    "mlp": {"hidden_dim": 32, "depth": 2},
+    "qformer": {"num_query_tokens": 4, "num_hidden_layers": 1, "num_attention_heads": 2},
+    "perceiver": {"num_latents": 4, "heads": 2, "depth": 1},
+    "spatial_pool": {"pool_size": 2, "depth": 1},
+    "masked_drop": {"mask_ratio": 0.5, "depth": 1},
+    "c_abstractor": {"hidden_dim": 32, "depth": 1, "num_queries": 0, "kernel_size": 3, "expand": 1,
+                     "se_reduction": 4, "mlp_depth": 1},
+    "bimamba": {"hidden_dim": 16, "num_layers": 1, "d_state": 4, "d_conv": 2, "expand": 1.0},
+    "identity": {}, "avg": {}, "conv": {},
+}
+
+
+def _type_cases():
+    from panoviz_callback.panollava.resamplers import RESAMPLER_TYPES
+
+    return [(rev, rtype) for rev, types in RESAMPLER_TYPES.items() for rtype in types if rtype in _TINY_CONFIGS]
+
+
+@pytest.mark.parametrize(("revision", "rtype"), _type_cases())
+def test_every_resampler_type_through_the_checkpoint(tmp_path, folder, revision, rtype):
+    """Checkpoint -> layout, settings (CORAConfig at head), norm and resampler -> PanoLLaVA's forward."""
+    from panoviz_callback.panollava.resamplers import build_panollava_resampler
+
+    torch.manual_seed(3)
+    config = _TINY_CONFIGS[rtype]
+    ref = build_panollava_resampler(rtype, vision_dim=32, latent_dim=24, config=config, revision=revision)
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    path, ref_encoder, _ = tiny.panollava_checkpoint(
+        tmp_path / "last.ckpt", folder, revision=revision, use_norm=True,
+        hparams=({"resampler_type": rtype, "resampler_config": config} if revision == "head" else
+                 {"vision_name": str(folder), "resampler_type": rtype, "latent_dimension": 24,
+                  "resampler_config": config}))
+    from panoviz_callback.safeload import safe_torch_load
+
+    ckpt = safe_torch_load(path)  # swap the fixture's MLP weights for this resampler's
+    prefix = tiny.PANOLLAVA_PREFIXES[revision][2]
+    sd = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith(prefix) and "resampler." not in k}
+    sd.update({f"{prefix}{k}": v for k, v in ref.state_dict().items()})
+    ckpt["state_dict"] = sd
+    if revision == "head":  # the CORAConfig, as the plain data it is read as
+        ckpt["hyper_parameters"] = {"config": {
+            "models": {"vision_name": str(folder), "use_vicreg_norm": True, "resampler_type": rtype,
+                       "latent_dimension": 24, "resampler_config": config},
+            "image_processing": {"crop_strategy": "e2p", "image_size": [tiny.SIZE, tiny.SIZE]}}}
+    torch.save(ckpt, path)
+    stage = load_vision_stage(path, log=lambda m: None)
+    norm_w, norm_b = (sd[f"{tiny.PANOLLAVA_PREFIXES[revision][1]}{n}"] for n in ("weight", "bias"))
+    with torch.no_grad():
+        tokens = ref_encoder(pixel_values=(_PIXELS - 0.5) / 0.5).last_hidden_state
+        expected = ref(torch.nn.functional.layer_norm(tokens, (32,), norm_w, norm_b, eps=1e-5))
+        got = stage.resampler(extract_features(stage.encoder, _PIXELS, keep_cls_token=True).tokens)
+    strip = ref.output_prefix_tokens(0)
+    assert got.shape == expected[:, strip:].shape
+    assert (got - expected[:, strip:]).abs().max() <= 1e-4

@@ -11,6 +11,7 @@ computes); the resampled level is PanoLLaVA's resampler output.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,8 +48,17 @@ class PanoLLaVAResampler(nn.Module):
         out = self.resampler(self.norm(tokens))
         out = out[0] if isinstance(out, tuple | list) else out
         p = self.num_prefix_tokens
-        if p and self.output_layout != "queries" and out.shape[1] == tokens.shape[1]:
-            out = out[:, p:]  # token-wise: the prefix tokens' outputs are not on the grid
+        n = tokens.shape[1] - p
+        side = math.isqrt(max(n, 0))
+        if hasattr(self.resampler, "output_prefix_tokens"):
+            strip = int(self.resampler.output_prefix_tokens(p))
+        else:  # a token-wise module keeps one output per input token
+            strip = p if self.output_layout != "queries" and out.shape[1] == tokens.shape[1] else 0
+        out = out[:, strip:]
+        if hasattr(self.resampler, "output_grid") and side * side == n:
+            # PanoLLaVA lays some sequences (CLS included) on grids that are not the patch grid: drawn as strips
+            grid = self.resampler.output_grid((side, side), p)
+            self.output_layout = "queries" if grid is None else "grid"
         return out
 
 
@@ -154,37 +164,20 @@ def _encoder(vision_name: Any, *, pretrained: bool) -> nn.Module:
 
 
 def _resampler(h: Mapping[str, Any], vision_dim: int, weights: Mapping[str, Tensor], log: Log) -> nn.Module:
+    from panoviz_callback.panollava.resamplers import build_panollava_resampler
+
     rtype = str(h.get("resampler_type") or "mlp").lower()
     latent = h.get("latent_dimension")
     if latent is not None:
         check_limit(latent, "hidden size", "the checkpoint's latent_dimension")
-    config = dict(h.get("resampler_config") or {})
-    try:
-        from panoviz_callback.panollava.resamplers import build_panollava_resampler
-    except ImportError:
-        return _mlp_only(rtype, vision_dim, latent, weights, log)
+    config = {k: v for k, v in h.items() if str(k).startswith("resampler_") and k != "resampler_type"}
+    config["resampler_config"] = dict(h.get("resampler_config") or {})
     try:
         return build_panollava_resampler(rtype, vision_dim=vision_dim, latent_dim=None if latent is None else int(latent),
                                          config=config, revision=h["revision"], state_dict=weights)
     except (ValueError, TypeError, KeyError) as err:
-        raise ModelSpecError(f"cannot rebuild the PanoLLaVA {rtype!r} resampler: {_first_line(err)}") from None
-
-
-def _mlp_only(rtype: str, vision_dim: int, latent: Any, weights: Mapping[str, Tensor], log: Log) -> nn.Module:
-    """The token-wise MLP (the only type known without the resampler family module)."""
-    import re
-
-    from panoviz_callback.models.resamplers import MLPResampler
-
-    if rtype != "mlp":
-        raise ModelSpecError(f"resampler_type {rtype!r} of a PanoLLaVA checkpoint is not supported")
-    linears = sorted((int(m.group(1)), w.shape) for k, w in weights.items()
-                     if (m := re.fullmatch(r"mlp\.(\d+)\.weight", k)) and w.dim() == 2)
-    if not linears:
-        raise ModelSpecError("the PanoLLaVA MLP resampler has no weights in the checkpoint")
-    out_dim = int(latent) if latent is not None else int(linears[-1][1][0])
-    hidden = int(linears[0][1][0]) if len(linears) > 1 else None
-    return MLPResampler(vision_dim, out_dim, hidden_dim=hidden, depth=len(linears))
+        raise ModelSpecError(f"cannot rebuild the PanoLLaVA {rtype!r} resampler ({h['revision']} layout): "
+                             f"{_first_line(err)}") from None
 
 
 def _hidden_size(encoder: nn.Module) -> int:
