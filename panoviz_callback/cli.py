@@ -138,6 +138,10 @@ def _main_parser() -> _Parser:
                    "the LightningModule class it names: this runs code stored in or named by the file; only for "
                    "files you trust (default: the checkpoint is read as data)")
     p.add_argument(*_flag("crop_strategy"), choices=_STRATEGIES, help="default: the checkpoint's or config's, else e2p")
+    p.add_argument(*_flag("view_convention"), choices=("auto", "panollava", "py360"), default="auto",
+                   help="how views are cut: 'panollava' as PanoLLaVA's processor cut them (its central crop, tile "
+                        "render size, window origin), 'py360' the py360convert convention; auto: panollava for "
+                        "PanoLLaVA checkpoints, py360 otherwise")
     p.add_argument(*_flag("fov"), type=_number, metavar="DEG", help="tile field of view in degrees (default 90)")
     p.add_argument(*_flag("overlap"), type=_number, metavar="FRAC", help="overlap of adjacent tiles in [0, 1) "
                    "(default 0.5)")
@@ -224,6 +228,10 @@ def _run(args: argparse.Namespace) -> int:
     spec = vs.describe_model(ckpt, config=config, module=args.module, encoder=args.encoder, resampler=args.resampler,
                              config_name=f"--config {args.config}" if args.config else "--config",
                              trust=args.trust_checkpoint)
+    if spec.kind == "panollava" and args.view_convention == "py360":
+        spec.geometry = dict(spec.hparams.get("py360_geometry") or {})
+    elif args.view_convention == "panollava" and spec.kind != "panollava":
+        raise rn.UsageError("--view_convention panollava applies to PanoLLaVA checkpoints only")
     options = {"crop_strategy": args.crop_strategy, "fov": args.fov, "overlap": args.overlap,
                "image_size": args.image_size, "layer": args.layer, "n_components": args.n_components,
                "keep_cls_token": True if args.no_cls_token else None, "bg_removal": args.bg_removal,
@@ -239,7 +247,8 @@ def _run(args: argparse.Namespace) -> int:
     resampler = "no resampler" if model.resampler is None else type(model.resampler).__name__
     print(f"Checkpoint {args.checkpoint}: {spec.source}, {type(model.encoder).__name__} + {resampler}"
           + (f", step {spec.global_step}" if spec.global_step is not None else "") + f", on {device}")
-    print(f"Views: {plan.crop_strategy}, {plan.image_size} px"
+    convention = spec.geometry.get("convention") if spec.callback is None else None
+    print(f"Views: {plan.crop_strategy}, {plan.image_size} px" + (f", {convention} convention" if convention else "")
           + (f", {plan.crop_options}" if plan.crop_options else ""))
 
     runner = rn.Runner(model.encoder, model.resampler, plan, name=name, output_dir=output_dir,

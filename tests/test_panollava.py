@@ -220,3 +220,21 @@ def test_every_resampler_type_through_the_checkpoint(tmp_path, folder, revision,
     strip = ref.output_prefix_tokens(0)
     assert got.shape == expected[:, strip:].shape
     assert (got - expected[:, strip:]).abs().max() <= 1e-4
+
+
+def test_views_follow_panollava_unless_asked(tmp_path, folder, capsys):
+    from panoviz_callback.cli import main
+
+    path, _, _ = tiny.panollava_checkpoint(tmp_path / "run" / "last.ckpt", folder, revision="dc64bc5")
+    pano = tiny.write_panorama(tmp_path / "room.png")
+    common = ["--checkpoint", str(path), "--image", str(pano), "--no_similarity"]
+    assert main([*common, "--output_dir", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "panollava-dc64bc5 convention" in out and "central_crop_ratio" in out
+    assert main([*common, "--output_dir", str(tmp_path / "b"), "--view_convention", "py360"]) == 0
+    out = capsys.readouterr().out
+    assert "convention" not in out and "central_crop_ratio" not in out
+    vlm, _ = tiny.module_checkpoint(tmp_path / "vlm" / "last.ckpt")
+    code = main(["--checkpoint", str(vlm), "--module", "_tiny_module:TinyVLM", "--image", str(pano),
+                 "--view_convention", "panollava", "--output_dir", str(tmp_path / "c")])
+    assert code == 2 and "applies to PanoLLaVA checkpoints only" in capsys.readouterr().err

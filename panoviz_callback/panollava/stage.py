@@ -76,6 +76,7 @@ def describe(ckpt: Mapping[str, Any], layout: Layout, *, config: Mapping[str, An
     keys = [str(k) for k in ckpt["state_dict"].keys()]
     resampler = next((p for p in layout.resampler if any(k.startswith(p) for k in keys)), None)
     geometry = dict(common.get("geometry") or {})
+    settings["py360_geometry"] = dict(geometry)  # the generic (py360convert) views, for --view_convention py360
     view = _view_settings(settings)
     if view is not None:
         geometry = {"crop_strategy": view["strategy"], "image_size": view["image_size"],
