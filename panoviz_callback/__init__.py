@@ -45,6 +45,8 @@ _EXPORTS = {
     "analyze": "panoviz_callback.analysis",
     "Analyzer": "panoviz_callback.analysis",
     "AnalysisResult": "panoviz_callback.analysis",
+    # offline
+    "load_vision_stage": "panoviz_callback.vision_stage",
     # live
     "PanoVizCallback": "panoviz_callback.callback",
 }
