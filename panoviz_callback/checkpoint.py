@@ -14,6 +14,7 @@ number of views, layer index, model widths) are checked against :data:`LIMITS` b
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 import warnings
@@ -82,7 +83,7 @@ def check_limit(value: Any, name: str, source: str) -> Any:
         224
     """
     lo, hi = LIMITS[name]
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ModelSpecError(f"{source}: {name} must be a number, got {value!r}")
     if not lo <= value <= hi:
         raise ModelSpecError(f"{source}: {name} {value} is outside the supported range [{lo:g}, {hi:g}]")

@@ -140,7 +140,32 @@ def _allowed_globals() -> dict[str, Any]:
     })
     allowed.update({f"torch.{name}": getattr(torch, name) for name in dir(torch)
                     if isinstance(getattr(torch, name, None), torch.dtype)})
+    allowed.update(_numpy_globals())
     return allowed
+
+
+def _numpy_globals() -> dict[str, Any]:
+    """NumPy's array and scalar rebuilders (data only: an object array's items go through this unpickler)."""
+    try:
+        import numpy as np
+    except ImportError:
+        return {}
+    import importlib
+
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")  # NumPy 2
+    except ImportError:
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    out: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out[f"{mod}._reconstruct"] = multiarray._reconstruct
+        out[f"{mod}.scalar"] = multiarray.scalar
+    dtypes = getattr(np, "dtypes", None)
+    for name in dir(dtypes) if dtypes is not None else ():
+        obj = getattr(dtypes, name)
+        if isinstance(obj, type) and issubclass(obj, np.dtype):
+            out[f"numpy.dtypes.{name}"] = obj
+    return out
 
 
 _ALLOWED: dict[str, Any] | None = None
@@ -280,4 +305,7 @@ def to_plain(obj: Any, _depth: int = 0) -> Any:
         return tuple(to_plain(v, nxt) for v in obj)
     if isinstance(obj, set | frozenset):
         return sorted((to_plain(v, nxt) for v in obj), key=repr)
+    item = getattr(obj, "item", None)
+    if type(obj).__module__ == "numpy" and callable(item):  # NumPy scalars and small arrays -> Python values
+        return item() if getattr(obj, "ndim", 0) == 0 else (obj.tolist() if obj.size <= 4096 else obj)
     return obj

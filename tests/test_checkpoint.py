@@ -222,3 +222,15 @@ def test_check_limit():
     with pytest.raises(ModelSpecError, match=r"must be a number, got 'a'"):
         check_limit("a", "layer", "x")
     assert LIMITS["probe height"][1] < 30000
+
+
+def test_read_checkpoint_numpy_values_are_data(tmp_path):
+    import numpy as np
+
+    path = tmp_path / "np.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)},
+                "hyper_parameters": {"lr": np.float64(0.5), "size": np.int64(224), "mean": np.array([0.5, 0.25])}},
+               path)
+    notes = []
+    h = read_checkpoint(path, notes.append)["hyper_parameters"]
+    assert notes == [] and h["lr"] == 0.5 and h["size"] == 224 and list(h["mean"]) == [0.5, 0.25]
