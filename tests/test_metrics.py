@@ -472,7 +472,7 @@ def test_lpips_skips_when_loading_fails(tmp_path, monkeypatch):
 
 
 def test_lpips_skips_without_package(monkeypatch):
-    monkeypatch.setattr(metrics, "_LPIPS_AVAILABLE", False)
+    monkeypatch.setattr(metrics.image, "_LPIPS_AVAILABLE", False)
     metric, caught = _record(lambda: LPIPSMetric(pretrained_backbone=False))
     assert "pip install 'panoviz_callback[lpips]'" in metric.skipped and len(caught) == 1
 
