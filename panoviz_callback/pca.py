@@ -7,10 +7,18 @@ No global random state is read or advanced: the Krylov iteration draws its start
 from its own ``torch.Generator`` with a fixed seed.
 
 Convention:
-    - Components are sorted by decreasing variance. A first fit (no previous state)
-      makes each component's largest-magnitude loading positive (the first such
-      entry on ties). A later fit flips each component so that its dot product with
-      the same-index component of the previous basis is >= 0 (``PCAState.basis``).
+    - Components are sorted by decreasing variance on a first fit (no previous state),
+      each with its largest-magnitude loading positive (the first such entry on ties).
+    - Stable colours: a later fit is matched to the previous basis (``PCAState.basis``)
+      before it is used. First, within every group of components whose variances lie
+      within 1% of each other (a near-degenerate subspace, where the eigenvectors are
+      arbitrary), the group's columns are rotated by the orthogonal Procrustes solution
+      that best matches the previous components most present in that subspace. Then the
+      new components are assigned to the previous ones by a maximum-weight matching on
+      the absolute correlations (``|b_new . b_prev|``; scipy's ``linear_sum_assignment``)
+      and each is flipped to a non-negative correlation. So when two eigenvalues cross
+      between firings, each colour stays on its feature; identical tokens give identical
+      colours. Components left unmatched (K > K') follow in variance order.
       ``freeze=True`` reuses the state's basis (and first-PC direction) as is. The
       foreground direction of ``threshold`` mode is oriented by the data on every fit
       (background at the low end, see :func:`pca_rgb`), not by the previous state.
@@ -20,27 +28,17 @@ Convention:
       component with an empty range (all equal) is drawn as 0.5.
     - Channels: ``n_components=1`` gives a grey map (the component on R, G and B),
       ``2`` gives R, G with B = 0, ``>3`` draws the first three and keeps all K in
-      the state. Background tokens (``threshold`` mode only) are drawn black.
+      the state. Background tokens (``threshold`` mode only) are drawn black; tokens
+      that see no image (``valid`` false: letterbox padding) are drawn mid-grey and
+      take no part in any fit, range or test.
     - Token ``n`` of a view sits at row ``n // gw``, column ``n % gw`` (row-major).
-    - Numerics: the mean is a float64 sum. The Krylov iteration multiplies a few
-      rows by the covariance as two float32 products with the centred tokens,
-      ``((rows X_c^T) X_c) / (M - 1)``, and does everything else (orthogonalisation,
-      Rayleigh-Ritz, the residual test) in float64; the float32 products leave the
-      components within ~1e-7 of a float64 ``eigh`` (the residuals stall near 1e-7 of
-      the eigengap, far below the test's 1e-5; where they stall above it, the
-      iteration goes on with float64 products). The covariance of the ``eigh`` path
-      is a float32 product followed by a float64 ``eigh`` (~100x closer to a float64
-      reference than a float32 ``eigh``). Where float32 matmuls are set to reduced
-      precision (TF32, ``torch.set_float32_matmul_precision("high")``) the float32
-      products run in float64 instead.
+    - Numerics: see :mod:`panoviz_callback._pca_fit`; background tests:
+      :mod:`panoviz_callback.background`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -48,31 +46,23 @@ import torch
 from torch import Tensor
 
 from panoviz_callback._checks import _check_choice, _check_grid, _check_int, _check_range, _check_shape
+from panoviz_callback._pca_fit import (
+    _check_floating,
+    _fit_moments,
+    _Moments,
+    _numerics,
+    _project,
+    fit_pca,
+)
+from panoviz_callback.background import _inliers, _threshold_foreground
 
 __all__ = ["PCAState", "fit_pca", "pca_rgb"]
 
 BgRemoval = Literal["threshold", "remove_first_pc", "outlier_removal", "none"]
 _BG_REMOVAL = ("threshold", "remove_first_pc", "outlier_removal", "none")
-_METHODS = ("auto", "eigh", "subspace")
-
-_SEED = 0x5EED_C0DE          # the Krylov iteration's own generator
-_OVERSAMPLE = 8              # block size k + 8 (rounded up to a multiple of 4)
-_TOL = 1e-5                  # stop when residual_j <= _TOL * eigengap_j (sin(angle) bound)
-_MAX_ITER = 40               # Krylov steps, then fall back to eigh
-_KRYLOV_BLOCKS = 10          # restart when the Krylov basis reaches 10 blocks (and >= 96 vectors)
-_KRYLOV_MIN_DIM = 96
-_STALL = 0.5                 # residual/gap below 1e-3 and shrinking by less than 2x in a step:
-_STALL_BELOW = 1e-3          # the float32 products stall, go on in float64
-_GRAM_BLOCKS = 4             # the scatter product in 4 x 4 blocks, upper triangle only
-_GRAM_BLOCK_MIN = 256
-_AUTO_MIN_DIM = 256          # "auto": Krylov for D >= 256 and k <= 32, else eigh (measured crossover)
-_AUTO_MAX_K = 32
 _QUANTILES = (0.02, 0.98)
-_OUTLIER_PERCENT = 5
-_OUTLIER_DIMS = 16
-_OUTLIER_ITERS = 4           # float32 Krylov steps on 16 + 4 vectors: the approximate top-16 directions
-_OUTLIER_OVERSAMPLE = 4      # rank the same 5% of outliers as a full eigh on ViT-B features
-_MAD_TO_STD = 1.4826
+_DEGENERATE = 1e-2          # components whose variances differ by < 1% form one group
+_GREY = 0.5
 _STATE_VERSION = 1
 
 
@@ -147,64 +137,9 @@ class PCAState:
                    note=note)
 
 
-def fit_pca(
-    x: Tensor, k: int, *, method: Literal["auto", "eigh", "subspace"] = "auto", init_basis: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``k`` principal components of the rows of ``x``, deterministic, on ``x.device``.
-
-    The covariance is :math:`(x - \\bar x)^T (x - \\bar x) / (M - 1)`. Either method gives
-    the components of a full ``torch.linalg.eigh`` of it to about 1e-5 (up to the sign
-    rule below) when the eigengaps around the first ``k`` are not tiny.
-
-    Args:
-        x: ``(M, D)`` samples, ``M >= 2``.
-        k: number of components, ``1 <= k <= D``.
-        method:
-            - ``"eigh"``: full eigendecomposition of the ``(D, D)`` covariance (float64 ``eigh``).
-            - ``"subspace"``: block Krylov iteration (block Lanczos with full reorthogonalisation,
-              blocks of ``k + 8`` vectors, Rayleigh-Ritz each step), stopped when every residual is
-              below 1e-5 times the eigengap of its component; without convergence in 40 steps it
-              falls back to ``eigh``. Each step multiplies the block by the covariance through the
-              tokens (``O(M D (k + 8))``); the ``(D, D)`` covariance is never formed.
-            - ``"auto"``: ``"subspace"`` for ``D >= 256`` and ``k <= 32``, else ``"eigh"`` (with
-              M = 8 * 196 tokens on one CPU thread the Krylov iteration was measured 2x faster
-              than ``eigh`` at D = 256 and 10x at D = 768, and slower at D = 128).
-        init_basis: ``(D, K')`` warm start for ``"subspace"`` (e.g. the previous epoch's basis);
-            missing columns are random. Not used for signs.
-        generator: source of the random start; default a fresh generator with a fixed seed
-            (the global RNG is never used).
-
-    Returns:
-        ``mean (D,)``, ``basis (D, k)`` orthonormal columns by decreasing variance, each with its
-        largest-magnitude loading positive, and ``explained_variance (k,)``. All float32.
-
-    Raises:
-        ValueError: bad shapes, ``k`` out of range or an unknown ``method``.
-        TypeError: ``x`` is not a floating-point tensor.
-
-    Example:
-        >>> x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0)) * torch.arange(8.0, 0, -1)
-        >>> mean, basis, var = fit_pca(x, 2)
-        >>> basis.shape, bool(var[0] > var[1])
-        (torch.Size([8, 2]), True)
-    """
-    _check_shape(x, "M D", "x")
-    _check_floating(x, "x")
-    m, d = x.shape
-    if m < 2:
-        raise ValueError(f"Expected `x` with at least 2 rows, got {m}.")
-    _check_int(k, "k", 1, d)
-    _check_choice(method, _METHODS, "method")
-    if init_basis is not None:
-        _check_shape(init_basis, f"{d} K", "init_basis")
-    with _numerics(x.device):
-        return _fit(x.detach().float(), k, method, init_basis, generator)
-
-
 def pca_rgb(
     feats: Tensor, grid_hw: tuple[int, int], *, n_components: int = 3, bg_removal: BgRemoval = "threshold",
-    bg_threshold: float = 0.5, state: PCAState | None = None, freeze: bool = False,
+    bg_threshold: float = 0.5, state: PCAState | None = None, freeze: bool = False, valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, PCAState]:
     """Map token features of all views to RGB images with one joint PCA.
 
@@ -214,25 +149,29 @@ def pca_rgb(
         n_components: K >= 1 components kept in the state (see the module's Convention).
         bg_removal:
             - ``"threshold"``: the first principal component of all tokens, oriented so that
-              the more homogeneous side is background (the side of the mid-range split whose
+              the more homogeneous side is background (the side of the robust mid split whose
               tokens have the smaller mean squared distance to their centroid goes to the
-              low end), min-max scaled to [0, 1]; tokens below ``bg_threshold`` are background,
-              drawn black. The colour PCA is fitted on the foreground only. With fewer than
-              K + 1 foreground tokens it falls back to all tokens and records a ``note``.
+              low end), scaled robustly (2nd..98th percentiles to [0, 1], clipped); when its
+              scores are clearly bimodal (:mod:`panoviz_callback.background`), tokens below
+              ``bg_threshold`` are background, drawn black, and the colour PCA is fitted on
+              the foreground only. Otherwise, or with fewer than K + 1 foreground tokens,
+              every token is kept and the state's ``note`` says why.
             - ``"remove_first_pc"``: fit K + 1 components on all tokens, colours from 2..K+1.
-            - ``"outlier_removal"``: robust Mahalanobis distance (coordinates on the top 16
-              principal directions, standardised per direction by median and MAD, Euclidean
-              norm); the 5% farthest tokens are left out of the fit and the colour range but
-              still drawn (clipped). ``fg_mask`` marks the inliers.
+            - ``"outlier_removal"``: a robust squared Mahalanobis distance on the top 16
+              principal directions; tokens beyond the chi-square 0.999 quantile are left out
+              of the fit and the colour range but still drawn (clipped). ``fg_mask`` marks the
+              inliers (about 99.9% of Gaussian data).
             - ``"none"``: all tokens, components 1..K.
-        bg_threshold: threshold in [0, 1] on the min-max scaled first component.
-        state: previous result: warm start, and each new component's sign follows it.
+        bg_threshold: threshold in [0, 1] on the robustly scaled first component.
+        state: previous result: warm start, and the new components are matched to it.
         freeze: reuse ``state``'s basis (and first-PC direction) as is; the colour range,
             foreground and outliers are still computed from ``feats``.
+        valid: ``(V, N)`` bool, the tokens that see image content (None: all). The others
+            (letterbox padding) are left out of every fit, range and test and drawn grey.
 
     Returns:
         ``images (V, 3, gh, gw)`` float32 in [0, 1], ``fg_mask (V, N)`` bool (the tokens the
-        colour fit and range used) and the new :class:`PCAState`.
+        colour fit and range used; False for invalid tokens) and the new :class:`PCAState`.
 
     Raises:
         ValueError: bad shapes or options, non-finite features, or a ``state`` that does not fit.
@@ -251,196 +190,51 @@ def pca_rgb(
     _check_choice(bg_removal, _BG_REMOVAL, "bg_removal")
     _check_int(n_components, "n_components", 1, d - 1 if bg_removal == "remove_first_pc" else d)
     _check_range(bg_threshold, "bg_threshold", 0.0, 1.0)
-    if v * n < 2:
-        raise ValueError(f"Expected `feats` with at least 2 tokens in all, got {v * n}.")
+    rows = None
+    if valid is not None:
+        _check_shape(valid, f"{v} {n}", "valid")
+        if valid.dtype != torch.bool:
+            raise TypeError(f"Expected `valid` to be a bool tensor, got {valid.dtype}.")
+        if not bool(valid.all()):
+            rows = valid.to(feats.device).reshape(-1).nonzero()[:, 0]  # (M',)
+    m_valid = v * n if rows is None else len(rows)
+    if m_valid < 2:
+        raise ValueError(f"Expected `feats` with at least 2 (valid) tokens in all, got {m_valid}.")
     _check_state(state, d, n_components, bg_removal, freeze)
     k = n_components
     with _numerics(feats.device):
         x = feats.detach().reshape(v * n, d).float()  # (M, D)
+        if rows is not None:
+            x = x.index_select(0, rows)  # (M', D): padding tokens take no part
         mom = _Moments(x)
         if not bool(torch.isfinite(mom.mean).all()):  # float64 column sums of float32 values: finite iff all are
             raise ValueError("Expected `feats` to be finite, got NaN or inf values.")
         prev = None if state is None else state.to(x.device)
         note, fg_basis, black, directions = None, None, None, None
         if bg_removal == "threshold":
-            fg, fg_basis, note = _threshold_foreground(mom, k, bg_threshold, prev, freeze)
+            fg, fg_basis, note = _threshold_foreground(mom, k, bg_threshold, None if prev is None else prev.fg_basis,
+                                                       freeze)
             black = ~fg
         elif bg_removal == "outlier_removal":
             fg, directions = _inliers(mom)
         else:
-            fg = torch.ones(v * n, dtype=torch.bool, device=x.device)
+            fg = torch.ones(mom.m, dtype=torch.bool, device=x.device)
         if bg_removal == "remove_first_pc":
             mean, basis, fg_basis = _fit_without_first(mom, k, prev, freeze)
         else:
             mean, basis = _colour_basis(mom, fg, k, prev, freeze, directions)
-        coords = _project(x - mean, basis)  # (M, K)
+        coords = _project(x - mean, basis)  # (M', K)
         unit, lo, hi = _unit_range(coords, fg)
-        images = _to_images(unit, black, v, gh, gw)
-    if note is not None:
+        rgb = _to_rgb(unit, black)  # (M', 3)
+        if rows is not None:
+            full = rgb.new_full((v * n, 3), _GREY)
+            rgb = full.index_copy_(0, rows, rgb)
+            fg = torch.zeros(v * n, dtype=torch.bool, device=x.device).index_copy_(0, rows, fg)
+        images = rgb.reshape(v, gh, gw, 3).permute(0, 3, 1, 2).contiguous()  # (V, 3, gh, gw)
+    if note is not None and "not bimodal" not in note and "flat" not in note:
         warnings.warn(note, UserWarning, stacklevel=2)
     new_state = PCAState(mean=mean, basis=basis, lo=lo, hi=hi, fg_basis=fg_basis, bg_removal=bg_removal, note=note)
     return images, fg.reshape(v, n), new_state
-
-
-# ---------------------------------------------------------------- fitting
-
-
-class _Moments:
-    """Mean and centred rows of a set of tokens; the covariance only as an operator.
-
-    A Krylov step multiplies ``b`` rows by the covariance as ``((rows X_c^T) X_c) / (M - 1)``:
-    two ``(b, D) x (D, M)``-sized products, far cheaper than forming the ``(D, D)`` scatter
-    (``M D^2``) for the few steps a fit takes. The scatter is formed only for ``eigh``.
-    """
-
-    def __init__(self, x: Tensor) -> None:
-        self.x = x  # (M, D) float32
-        self.m, self.d = x.shape
-        self.mean = x.mean(0, dtype=torch.float64)  # (D,)
-        self._xc: Tensor | None = None
-        self._xc64: Tensor | None = None
-
-    @property
-    def xc(self) -> Tensor:
-        """``(M, D)`` rows centred on :attr:`mean`, in the matmul dtype."""
-        if self._xc is None:
-            dtype = _matmul_dtype(self.x.device)
-            self._xc = self.x.to(dtype) - self.mean.to(dtype)
-        return self._xc
-
-    @property
-    def xc64(self) -> Tensor:
-        """``(M, D)`` float64 rows centred on :attr:`mean`."""
-        if self._xc64 is None:
-            self._xc64 = self.xc if self.xc.dtype == torch.float64 else self.x.double() - self.mean
-        return self._xc64
-
-    def scatter(self) -> Tensor:
-        """``(D, D)`` float64 scatter matrix of the centred rows (a matmul-dtype product)."""
-        return _gram(self.xc).double()
-
-    def times(self, rows: Tensor, precise: bool = False) -> Tensor:
-        """``rows (b, D) @ C`` for the covariance ``C``, in the dtype of ``rows``.
-
-        The two products with the tokens run in the matmul dtype (float32 on the CPU), or in
-        float64 with ``precise``.
-        """
-        xc = self.xc64 if precise else self.xc
-        return ((rows.to(xc.dtype) @ xc.T) @ xc).to(rows.dtype) / (self.m - 1)
-
-    def restrict(self, keep: Tensor) -> _Moments:
-        """The moments of the rows where ``keep`` is true."""
-        if bool(keep.all()):
-            return self
-        return _Moments(self.x.index_select(0, keep.nonzero()[:, 0]))
-
-
-def _gram(xc: Tensor) -> Tensor:
-    """``xc.T @ xc`` for ``xc (M, D)``: the upper block triangle only, mirrored (exactly symmetric)."""
-    d = xc.shape[1]
-    if d < _GRAM_BLOCK_MIN:
-        return xc.T @ xc
-    step = -(-d // _GRAM_BLOCKS)
-    out = xc.new_empty(d, d)
-    for lo in range(0, d, step):
-        out[lo:lo + step, lo:] = xc[:, lo:lo + step].T @ xc[:, lo:]
-    for lo in range(step, d, step):
-        out[lo:lo + step, :lo] = out[:lo, lo:lo + step].T
-    return out
-
-
-def _fit(x: Tensor, k: int, method: str, init: Tensor | None = None,
-         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    return _fit_moments(_Moments(x), k, method, init, generator)
-
-
-def _fit_moments(mom: _Moments, k: int, method: str, init: Tensor | None = None,
-                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    if method == "auto":
-        method = "subspace" if mom.d >= _AUTO_MIN_DIM and k <= _AUTO_MAX_K else "eigh"
-    out = _krylov(mom, k, init, generator) if method == "subspace" else None
-    if out is None:
-        out = _eigh(mom, k)
-    basis, var = out
-    return mom.mean.float(), _largest_loading_positive(basis.float()), var.float()
-
-
-def _eigh(mom: _Moments, k: int) -> tuple[Tensor, Tensor]:
-    evals, evecs = torch.linalg.eigh(mom.scatter() / (mom.m - 1))  # ascending
-    return evecs[:, -k:].flip(-1), evals[-k:].flip(0).clamp_min(0)  # (D, k), (k,)
-
-
-def _krylov(mom: _Moments, k: int, init: Tensor | None, generator: torch.Generator | None, *,
-            max_iter: int | None = None, exact: bool = True, dtype: torch.dtype = torch.float64,
-            oversample: int = _OVERSAMPLE) -> tuple[Tensor, Tensor] | None:
-    """Block Krylov (block Lanczos, full reorthogonalisation) with Rayleigh-Ritz at every step.
-
-    Returns the top-``k`` Ritz vectors ``(D, k)`` and values ``(k,)`` once every residual is
-    below ``_TOL`` times the Ritz gap of its component; ``None`` when that does not happen in
-    ``max_iter`` steps (``exact``) or the Krylov space turns (numerically) invariant. With
-    ``exact=False`` the last step's Ritz pairs are returned (then ``dtype=float32`` is enough).
-    The Krylov vectors are kept as rows ``(m, D)``, so every product has a wide right-hand side.
-    The products with the tokens run in float32 (residuals then stall near 1e-7 of the gap, far
-    below ``_TOL``); should they stall above ``_TOL`` (a tiny gap), the iteration goes on in float64.
-    """
-    d, m = mom.d, mom.m
-    max_iter = _MAX_ITER if max_iter is None else max_iter
-    b = -(-(k + oversample) // 4) * 4  # block size, a multiple of 4
-    if b >= d or k >= m:
-        return None  # the full eigh is as cheap, or the spectrum is degenerate
-    cap = min(d, max(_KRYLOV_BLOCKS * b, _KRYLOV_MIN_DIM))
-    precise, last = False, math.inf
-    rows = torch.linalg.qr(_start_block(d, b, init, generator, mom.x.device).to(dtype)).Q.T  # (b, D)
-    basis, image = rows, mom.times(rows)  # (m, D) each: the Krylov basis and C times it
-    for step in range(max_iter):
-        t = basis @ image.T  # (m, m)
-        theta, w = torch.linalg.eigh((t + t.T) / 2)
-        theta, w = theta.flip(0), w.flip(1)  # decreasing Ritz values
-        vecs = w[:, :k].T @ basis  # (k, D) Ritz vectors
-        if not exact and step == max_iter - 1:
-            return vecs.T, theta[:k].clamp_min(0)
-        res = (w[:, :k].T @ image - theta[:k, None] * vecs).norm(dim=1)  # (k,)
-        gaps = theta[:-1] - theta[1:]  # gap to the next Ritz value
-        gap = torch.minimum(gaps[:k], torch.cat([gaps.new_full((1,), torch.inf), gaps[:k - 1]]))
-        if bool((res <= _TOL * gap).all()) or basis.shape[0] >= d:
-            return vecs.T, theta[:k].clamp_min(0)
-        if step == max_iter - 1:
-            return None
-        ratio = float((res / gap).max())
-        if exact and not precise and _TOL < ratio < _STALL_BELOW and ratio > _STALL * last:  # float32 stalls
-            precise = True
-            image = mom.times(basis, precise=True)
-        last = ratio
-        if basis.shape[0] >= cap:  # restart from the leading Ritz vectors
-            rows = torch.linalg.qr((w[:, :b].T @ basis).T).Q.T
-            basis, image = rows, mom.times(rows, precise)
-            continue
-        new = image[-b:][: cap - basis.shape[0]]  # C times the newest block, (b', D)
-        new = new - (new @ basis.T) @ basis
-        new = new - (new @ basis.T) @ basis  # twice is enough (Kahan)
-        rows = torch.linalg.qr(new.T).Q.T
-        if bool(((rows @ basis.T).abs() > torch.finfo(dtype).eps ** 0.5).any()):
-            return None  # breakdown: the Krylov space is (numerically) invariant
-        basis, image = torch.cat([basis, rows]), torch.cat([image, mom.times(rows, precise)])
-    return None
-
-
-def _start_block(d: int, p: int, init: Tensor | None, generator: torch.Generator | None,
-                 device: torch.device) -> Tensor:
-    cols = [] if init is None else [init[:, :p].to(device=device, dtype=torch.float64)]
-    n_rand = p - (0 if init is None else cols[0].shape[1])
-    if n_rand > 0:
-        if generator is None:
-            generator = torch.Generator(device=device).manual_seed(_SEED)
-        rand = torch.randn(d, n_rand, generator=generator, device=generator.device, dtype=torch.float64)
-        cols.append(rand.to(device))
-    return torch.cat(cols, 1)  # (D, p)
-
-
-def _largest_loading_positive(basis: Tensor) -> Tensor:
-    idx = basis.abs().argmax(0, keepdim=True)  # (1, K), the first maximum on ties
-    sign = torch.where(basis.gather(0, idx) < 0, -1.0, 1.0)
-    return basis * sign
 
 
 def _align_signs(basis: Tensor, ref: Tensor) -> Tensor:
@@ -452,7 +246,50 @@ def _align_signs(basis: Tensor, ref: Tensor) -> Tensor:
     return basis * sign
 
 
-# ---------------------------------------------------------------- background modes
+def _degenerate_groups(var: Tensor) -> list[list[int]]:
+    """Runs of consecutive components (variances decreasing) whose neighbours differ by < 1% relative."""
+    values = var.double().tolist()
+    groups, current = [], [0]
+    for c in range(1, len(values)):
+        top = max(abs(values[c - 1]), abs(values[c]), 1e-300)
+        if abs(values[c - 1] - values[c]) < _DEGENERATE * top:
+            current.append(c)
+        else:
+            groups.append(current)
+            current = [c]
+    groups.append(current)
+    return [g for g in groups if len(g) > 1]
+
+
+def _align_basis(basis: Tensor, var: Tensor, ref: Tensor) -> Tensor:
+    """Match ``basis (D, K)`` (variances ``var (K,)``) to ``ref (D, K')``: Procrustes in near-degenerate
+    groups, then an assignment on absolute correlations, then signs (the module's Convention)."""
+    from scipy.optimize import linear_sum_assignment
+
+    b = basis.double()
+    r = ref.to(device=b.device, dtype=torch.float64)
+    for group in _degenerate_groups(var):
+        cols = torch.tensor(group, device=b.device)
+        sub = b[:, cols]  # (D, g)
+        weight = (r.T @ sub).square().sum(1)  # (K',) how much of each previous component lies in the span
+        chosen = torch.argsort(weight, descending=True, stable=True)[:len(group)]
+        target = r[:, chosen]  # (D, g') with g' <= g
+        u, _, vh = torch.linalg.svd(sub.T @ target, full_matrices=True)  # (g, g), (g', g')
+        g, g2 = len(group), target.shape[1]
+        rot = u[:, :g2] @ vh if g2 == g else torch.linalg.qr(torch.cat([u[:, :g2] @ vh, u[:, g2:]], 1)).Q
+        rotated = sub @ rot  # (D, g): the first g' columns best match ``target``
+        b[:, cols] = rotated
+    corr = (r.T @ b).abs().cpu().numpy()  # (K', K)
+    prev_idx, new_idx = linear_sum_assignment(corr, maximize=True)
+    order = [0] * len(prev_idx)
+    for p, c in zip(prev_idx.tolist(), new_idx.tolist()):
+        order[p] = c
+    rest = [c for c in range(b.shape[1]) if c not in set(order)]
+    b = b[:, torch.tensor(order + rest, device=b.device)]
+    return _align_signs(b, r).to(basis.dtype)
+
+
+# ---------------------------------------------------------------- fits per mode
 
 
 def _colour_basis(mom: _Moments, fg: Tensor, k: int, prev: PCAState | None, freeze: bool,
@@ -462,9 +299,9 @@ def _colour_basis(mom: _Moments, fg: Tensor, k: int, prev: PCAState | None, free
         return prev.mean, prev.basis
     starts = [t for t in (None if prev is None else prev.basis, directions) if t is not None]
     init = torch.cat([t.to(torch.float64) for t in starts], 1) if starts else None
-    mean, basis, _ = _fit_moments(mom.restrict(fg), k, "auto", init)
+    mean, basis, var = _fit_moments(mom.restrict(fg), k, "auto", init)
     if prev is not None:
-        basis = _align_signs(basis, prev.basis)
+        basis = _align_basis(basis, var, prev.basis)
     return mean, basis
 
 
@@ -475,66 +312,13 @@ def _fit_without_first(mom: _Moments, k: int, prev: PCAState | None,
     init = None
     if prev is not None:
         init = prev.basis if prev.fg_basis is None else torch.cat([prev.fg_basis[:, None], prev.basis], 1)
-    mean, both, _ = _fit_moments(mom, k + 1, "auto", init)
+    mean, both, var = _fit_moments(mom, k + 1, "auto", init)
     first, basis = both[:, :1], both[:, 1:]  # (D, 1), (D, K)
     if prev is not None:
-        basis = _align_signs(basis, prev.basis)
+        basis = _align_basis(basis, var[1:], prev.basis)
         if prev.fg_basis is not None:
             first = _align_signs(first, prev.fg_basis[:, None])
     return mean, basis, first[:, 0]
-
-
-def _threshold_foreground(mom: _Moments, k: int, threshold: float, prev: PCAState | None,
-                          freeze: bool) -> tuple[Tensor, Tensor, str | None]:
-    if freeze:
-        direction = prev.fg_basis
-    else:
-        init = None if prev is None or prev.fg_basis is None else prev.fg_basis[:, None]
-        _, first, _ = _fit_moments(mom, 1, "auto", init)
-        direction = _background_low(mom.xc, first[:, 0])
-    score = _matmul(mom.xc, direction[:, None])[:, 0]  # (M,)
-    low, high = score.aminmax()
-    fg = (score - low) / (high - low) >= threshold  # a flat score gives NaN: no foreground
-    n_fg = int(fg.sum())
-    if n_fg >= k + 1:
-        return fg, direction, None
-    note = (f"bg_removal='threshold': {n_fg} foreground token(s) at bg_threshold={threshold:g}, fewer than "
-            f"n_components + 1 = {k + 1}; used all tokens instead.")
-    return torch.ones_like(fg), direction, note
-
-
-def _background_low(xc: Tensor, direction: Tensor) -> Tensor:
-    """Orient ``direction (D,)`` so that the more homogeneous side of the mid-range split is low."""
-    score = _matmul(xc, direction[:, None])[:, 0]  # (M,)
-    low, high = score.aminmax()
-    upper = score >= (low + high) / 2
-    if not bool(upper.any()) or bool(upper.all()):
-        return direction
-    spread_upper, spread_lower = ((s - s.mean(0)).square().sum(1).mean() for s in (xc[upper], xc[~upper]))
-    return torch.where(spread_upper < spread_lower, -direction, direction)
-
-
-def _inliers(mom: _Moments) -> tuple[Tensor, Tensor | None]:
-    """Leave out the 5% of tokens with the largest robust (median/MAD) Mahalanobis distance.
-
-    Returns the inlier mask ``(M,)`` and the approximate top directions ``(D, r)`` it used
-    (a warm start for the colour fit on the inliers), or None when no token is left out.
-    """
-    m, d = mom.m, mom.d
-    n_out = m * _OUTLIER_PERCENT // 100
-    keep = torch.ones(m, dtype=torch.bool, device=mom.x.device)
-    if n_out == 0:
-        return keep, None
-    r = min(_OUTLIER_DIMS, d, m - 1)
-    out = _krylov(mom, r, None, None, max_iter=_OUTLIER_ITERS, exact=False, dtype=torch.float32,
-                  oversample=_OUTLIER_OVERSAMPLE) or _eigh(mom, r)
-    z = _project(mom.xc, out[0])  # (M, r) coordinates on the top-r directions
-    dev = (z - z.median(0).values).abs()  # (M, r)
-    mad = dev.median(0).values * _MAD_TO_STD  # (r,)
-    scale = torch.where(mad > 0, mad, mad.max()).clamp_min(torch.finfo(z.dtype).tiny)
-    dist = (dev / scale).norm(dim=1)  # (M,)
-    keep[torch.argsort(dist, descending=True, stable=True)[:n_out]] = False
-    return keep, out[0]
 
 
 # ---------------------------------------------------------------- colours
@@ -549,7 +333,8 @@ def _unit_range(coords: Tensor, fg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return unit, lo, hi
 
 
-def _to_images(unit: Tensor, black: Tensor | None, v: int, gh: int, gw: int) -> Tensor:
+def _to_rgb(unit: Tensor, black: Tensor | None) -> Tensor:
+    """``(M, K)`` unit coordinates to ``(M, 3)`` colours (grey for K = 1, B = 0 for K = 2, black background)."""
     m, k = unit.shape
     rgb = unit[:, :3]
     if k == 1:
@@ -558,53 +343,10 @@ def _to_images(unit: Tensor, black: Tensor | None, v: int, gh: int, gw: int) -> 
         rgb = torch.cat([rgb, rgb.new_zeros(m, 1)], 1)
     if black is not None:
         rgb = rgb.masked_fill(black[:, None], 0.0)
-    return rgb.reshape(v, gh, gw, 3).permute(0, 3, 1, 2).contiguous()  # (V, 3, gh, gw)
+    return rgb
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextlib.contextmanager
-def _numerics(device: torch.device) -> Iterator[None]:
-    """No autograd, no autocast: the float32 math stays float32 whatever the caller set."""
-    try:
-        autocast = torch.autocast(device_type=device.type, enabled=False)
-    except (RuntimeError, ValueError):
-        autocast = contextlib.nullcontext()
-    with torch.no_grad(), autocast:
-        yield
-
-
-def _matmul_dtype(device: torch.device) -> torch.dtype:
-    """float64 where float32 matmuls may run at reduced precision (TF32/bf16), else float32."""
-    try:
-        if device.type == "cuda":
-            matmul = torch.backends.cuda.matmul
-            precision = getattr(matmul, "fp32_precision", None)
-            reduced = matmul.allow_tf32 if precision is None else precision in ("tf32", "bf16")
-        else:
-            precision = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
-            reduced = precision in ("tf32", "bf16")
-    except RuntimeError:  # mixed legacy/new precision settings: assume reduced
-        reduced = True
-    return torch.float64 if reduced else torch.float32
-
-
-def _matmul(a: Tensor, b: Tensor) -> Tensor:
-    dtype = _matmul_dtype(a.device)
-    return (a.to(dtype) @ b.to(dtype)).float()
-
-
-def _project(xc: Tensor, basis: Tensor) -> Tensor:
-    """``xc (M, D) @ basis (D, K)`` as ``(basis^T xc^T)^T``: the same product, but MKL runs a tall
-    matrix times a few columns several times slower than a few rows times a wide matrix."""
-    dtype = _matmul_dtype(xc.device)
-    return (basis.T.to(dtype) @ xc.to(dtype).T).T.float()  # (M, K)
-
-
-def _check_floating(x: Tensor, name: str) -> None:
-    if not x.is_floating_point():
-        raise TypeError(f"Expected `{name}` to be a floating-point tensor, got {x.dtype}.")
 
 
 def _check_state(state: Any, d: int, k: int, bg_removal: str, freeze: bool) -> None:

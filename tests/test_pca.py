@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from panoviz_callback import pca
+from panoviz_callback import _pca_fit, pca
 from panoviz_callback.pca import PCAState, fit_pca, pca_rgb
 
 MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")
@@ -110,16 +110,16 @@ def test_fit_pca_float64_products_when_float32_stalls(tall: tuple[torch.Tensor, 
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The switch to float64 products (a float32 residual floor above the tolerance) keeps the result."""
     tall, comps = tall
-    monkeypatch.setattr(pca, "_STALL", 0.0)  # any step below _STALL_BELOW counts as stalled
-    monkeypatch.setattr(pca, "_STALL_BELOW", 1.0)
+    monkeypatch.setattr(_pca_fit, "_STALL", 0.0)  # any step below _STALL_BELOW counts as stalled
+    monkeypatch.setattr(_pca_fit, "_STALL_BELOW", 1.0)
     precise = []
-    real_times = pca._Moments.times
+    real_times = _pca_fit._Moments.times
 
     def spy(self, rows, precise_=False, **kwargs):
         precise.append(kwargs.get("precise", precise_))
         return real_times(self, rows, kwargs.get("precise", precise_))
 
-    monkeypatch.setattr(pca._Moments, "times", spy)
+    monkeypatch.setattr(_pca_fit._Moments, "times", spy)
     _, basis, _ = fit_pca(tall, 3, method="subspace")
     assert precise[0] is False and precise[-1] is True
     assert _max_err_up_to_sign(basis, comps[:, :3]) < 1e-4
@@ -128,7 +128,9 @@ def test_fit_pca_float64_products_when_float32_stalls(tall: tuple[torch.Tensor, 
 @pytest.mark.parametrize("bg_removal", ["outlier_removal", "threshold"])
 def test_pca_rgb_krylov_fits_on_subsets_match_eigh(tall: tuple[torch.Tensor, torch.Tensor], bg_removal: str) -> None:
     """D = 768: the colour fit on the inliers / foreground (warm-started Krylov) is the eigh of that subset."""
-    x = tall[0]
+    x = tall[0].clone()
+    if bg_removal == "threshold":  # two modes along one direction: a background to separate
+        x[::3] += 40.0 * torch.nn.functional.normalize(torch.randn(768, generator=_gen(5)), dim=0)
     _, fg_mask, state = pca_rgb(x.reshape(8, 200, 768), (10, 20), bg_removal=bg_removal)
     fg = fg_mask.reshape(-1)
     assert 0 < int(fg.sum()) < len(fg)  # a proper subset
@@ -175,7 +177,7 @@ def test_fit_pca_warm_start_converges_in_few_steps(big: tuple[torch.Tensor, torc
 
 def test_fit_pca_subspace_falls_back_to_eigh(monkeypatch: pytest.MonkeyPatch) -> None:
     x = _spectrum_data(400, 300, [5.0, 3.0, 2.0, 1.0], seed=4)
-    monkeypatch.setattr(pca, "_MAX_ITER", 1)  # a cold start never converges in one step
+    monkeypatch.setattr(_pca_fit, "_MAX_ITER", 1)  # a cold start never converges in one step
     sub = fit_pca(x, 3, method="subspace")
     exact = fit_pca(x, 3, method="eigh")
     for a, b in zip(sub, exact):
@@ -273,10 +275,9 @@ def test_pca_rgb_threshold_finds_planted_background(bg_fraction: float) -> None:
 
 
 def test_pca_rgb_threshold_no_foreground_falls_back() -> None:
-    feats = torch.ones(2, 4, 8)  # every token the same: no direction, no foreground
-    with pytest.warns(UserWarning, match="foreground token"):
-        images, fg_mask, state = pca_rgb(feats, (2, 2))
-    assert fg_mask.all() and "used all tokens" in state.note
+    feats = torch.ones(2, 4, 8)  # every token the same: no direction, nothing to separate
+    images, fg_mask, state = pca_rgb(feats, (2, 2))
+    assert fg_mask.all() and "flat" in state.note and "kept every token" in state.note
     assert torch.isfinite(images).all()
     feats, _ = _planted_fg(2, 9, 16, 0.5)
     with pytest.warns(UserWarning, match="bg_threshold=1"):
