@@ -431,3 +431,74 @@ def test_pca_rgb_exception_state_mismatch() -> None:
 def test_fit_pca_exception(args: tuple, kwargs: dict, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         fit_pca(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- stable colours across component swaps
+
+
+def _two_close_components(m: int, d: int, var_1: float, var_2: float, seed: int = 21) -> tuple[torch.Tensor, ...]:
+    """Tokens with strong components u1, u2 (variances var_1, var_2) and a weaker u3; returns x, z, dirs."""
+    g = _gen(seed)
+    dirs = torch.linalg.qr(torch.randn(d, 4, generator=g, dtype=torch.float64)).Q  # (d, 4)
+    z = torch.randn(m, 4, generator=g, dtype=torch.float64)
+    z = (z - z.mean(0)) / z.std(0)
+    z = torch.linalg.qr(z).Q * (m - 1) ** 0.5  # exactly uncorrelated, unit variance columns
+    x = z @ torch.diag(torch.tensor([var_1, var_2, 0.5, 0.1], dtype=torch.float64).sqrt()) @ dirs.T
+    return x.float(), z, dirs
+
+
+def test_pca_rgb_convention_colours_follow_features_when_eigenvalues_cross() -> None:
+    """Fit 1: var(u1) = 1.0 > var(u2) = 0.97; fit 2: u2 scaled by 1.03 (var 1.03 > 1.0): the first two
+    components swap. The percentile colour range absorbs the scale, so after matching the colours of
+    every token are those of fit 1; sign/index alignment alone would swap red and green."""
+    x1, z, dirs = _two_close_components(600, 32, 1.0, 0.97)
+    x2 = x1 + (0.03 * 0.97**0.5 * z[:, 1:2] @ dirs[:, 1:2].T).float()  # u2 coordinate scaled by 1.03
+    img1, _, state1 = pca_rgb(x1.reshape(6, 100, 32), (10, 10), bg_removal="none")
+    img2, _, state2 = pca_rgb(x2.reshape(6, 100, 32), (10, 10), bg_removal="none", state=state1)
+    fresh, _, _ = pca_rgb(x2.reshape(6, 100, 32), (10, 10), bg_removal="none")
+    assert (fresh - img1).abs().mean() > 0.1  # without the previous state the channels swap
+    assert (img2 - img1).abs().mean() < 1e-3
+
+
+def test_pca_rgb_convention_degenerate_pair_is_rotated_back() -> None:
+    """Equal variances (a degenerate pair): a tiny perturbation turns the eigenvectors anywhere in
+    the plane; the Procrustes step within the group brings the colours back (MAE < 1e-3)."""
+    x1, z, dirs = _two_close_components(600, 32, 1.0, 1.0 + 1e-6, seed=22)
+    x2 = x1 + 1e-4 * torch.randn(x1.shape, generator=_gen(23))
+    img1, _, state1 = pca_rgb(x1.reshape(6, 100, 32), (10, 10), bg_removal="none")
+    img2, _, _ = pca_rgb(x2.reshape(6, 100, 32), (10, 10), bg_removal="none", state=state1)
+    assert (img2 - img1).abs().mean() < 1e-3
+    img3, _, _ = pca_rgb(x1.reshape(6, 100, 32), (10, 10), bg_removal="none", state=state1)
+    assert (img3 - img1).abs().mean() < 1e-3  # identical tokens, identical colours
+
+
+# ---------------------------------------------------------------- tokens without image (letterbox padding)
+
+
+@pytest.mark.parametrize("bg_removal", MODES)
+def test_pca_rgb_padding_tokens_take_no_part(bg_removal: str) -> None:
+    """A large letterbox (40% of the tokens, all one value) changes nothing: the fit equals the fit on
+    the image tokens alone, padding is drawn grey and is never foreground."""
+    feats, _ = _planted_fg(4, 50, 24, 0.4, seed=3)
+    valid = torch.ones(4, 50, dtype=torch.bool)
+    valid[:, :20] = False  # the top rows of every view are padding
+    padded = feats.clone()
+    padded[~valid] = 7.0  # a black bar: one constant token, far from the image tokens
+    images, fg_mask, state = pca_rgb(padded, (5, 10), bg_removal=bg_removal, valid=valid)
+    alone, fg_alone, state_alone = pca_rgb(feats[valid][None], (1, 120), bg_removal=bg_removal)
+    torch.testing.assert_close(state.basis, state_alone.basis, atol=1e-5, rtol=0)
+    torch.testing.assert_close(state.mean, state_alone.mean, atol=1e-5, rtol=0)
+    rgb = images.permute(0, 2, 3, 1).reshape(4, 50, 3)
+    torch.testing.assert_close(rgb[valid], alone[0].permute(1, 2, 0).reshape(120, 3), atol=1e-5, rtol=0)
+    assert (rgb[~valid] == 0.5).all() and not fg_mask[~valid].any()
+    assert torch.equal(fg_mask[valid], fg_alone.reshape(-1))
+
+
+def test_pca_rgb_valid_exceptions() -> None:
+    feats = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match=r"Expected `valid` of shape \(2, 4\)"):
+        pca_rgb(feats, (2, 2), valid=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="Expected `valid` to be a bool tensor"):
+        pca_rgb(feats, (2, 2), valid=torch.ones(2, 4))
+    with pytest.raises(ValueError, match="at least 2 \\(valid\\) tokens"):
+        pca_rgb(feats, (2, 2), valid=torch.zeros(2, 4, dtype=torch.bool))
