@@ -27,6 +27,7 @@ __all__ = ["patch_correspondence", "warp_pairs", "stitch_equirect"]
 
 _MODES = ("bilinear", "nearest")
 _CACHE_SIZE = 64
+_TIE = 1e-9  # token units: a centre this close below a cell boundary lies on it (float64 error is ~1e-12)
 
 
 def _image_xy(h: int, w: int, size: int) -> Tensor:
@@ -36,13 +37,24 @@ def _image_xy(h: int, w: int, size: int) -> Tensor:
     return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)  # row-major
 
 
+def _facing(dirs: Tensor, cam: Camera) -> Tensor:
+    """``(N,)`` bool: in front of a perspective camera (any direction for the other kinds)."""
+    if cam.kind not in ("tile", "face"):
+        return torch.ones(dirs.shape[0], dtype=torch.bool)
+    forward = lonlat_to_direction(torch.tensor(cam.yaw_deg, dtype=torch.float64),
+                                  torch.tensor(cam.pitch_deg, dtype=torch.float64))
+    return dirs @ forward > 1e-9
+
+
 @lru_cache(maxsize=_CACHE_SIZE)
 def _correspondence(cam_i: Camera, cam_j: Camera, size: int, gh: int, gw: int) -> tuple[Tensor, Tensor]:
-    dirs, valid = pixel_to_direction(_image_xy(gh, gw, size), cam_i, size)  # (N, 3)
-    xy, inside = direction_to_pixel(dirs, cam_j, size)  # (N, 2)
-    keep = valid & inside
-    tx = ((xy[:, 0] + 0.5) * gw / size).floor().long().clamp(0, gw - 1)
-    ty = ((xy[:, 1] + 0.5) * gh / size).floor().long().clamp(0, gh - 1)
+    dirs, valid = pixel_to_direction(_image_xy(gh, gw, size), cam_i, size)  # (N, 3) float64
+    xy, _ = direction_to_pixel(dirs, cam_j, size)  # (N, 2)
+    u = (xy[:, 0] + 0.5) * gw / size + _TIE  # token coordinates of view j; cell k is [k, k + 1)
+    v = (xy[:, 1] + 0.5) * gh / size + _TIE
+    keep = valid & _facing(dirs, cam_j) & (u >= 0) & (u < gw) & (v >= 0) & (v < gh)
+    tx = u.floor().long().clamp(0, gw - 1)
+    ty = v.floor().long().clamp(0, gh - 1)
     return torch.nonzero(keep).squeeze(1), (ty * gw + tx)[keep]
 
 
@@ -60,10 +72,21 @@ def patch_correspondence(
     """Token pairs of views ``i`` and ``j`` that look at the same scene point.
 
     The centre of every token of view ``i`` is reprojected through the sphere into view ``j``;
-    the token of view ``j`` that contains it is its partner. Only tokens landing strictly inside
-    view ``j``'s field of view are kept (so faces of a cube map, which share only an edge, have no
-    correspondence), and tokens in the letterbox bars of a global view are skipped. Several tokens
-    of ``i`` may share a partner. Cached per (cameras, image size, grid).
+    the token of view ``j`` whose cell contains it is its partner. Several tokens of ``i`` may
+    share a partner. Tokens in the letterbox bars of a global view ``i`` are skipped. Cached per
+    (cameras, image size, grid).
+
+    Tie rule (exact and deterministic on every grid): in token coordinates of view ``j``,
+    ``u = (x + 0.5) * gw / S`` (likewise ``v`` for rows), cell ``k`` is the half-open interval
+    ``[k, k + 1)`` and view ``j`` covers ``[0, gw) x [0, gh)``, i.e. its pixel extent
+    ``[-0.5, S - 0.5)`` (for a perspective view also: in front of the camera). A centre that
+    lands on a boundary belongs to the cell above it (the larger index), and one on the far
+    edge ``u = gw`` is outside. Geometry runs in float64 (errors ~1e-12 token); a coordinate
+    within 1e-9 token below an integer is taken as on it, so float rounding never decides. Thus a
+    sliding window whose shift is 13.5 tokens (27 x 27 grid) maps every token by exactly 13
+    columns, and an e2p token whose centre lands on the edge pixel centre of the neighbour
+    (``x = 0``) keeps its partner in the edge column. Cube faces still have no correspondence on
+    token grids coarser than the pixels: token centres lie well inside their own face.
 
     Args:
         views: the :class:`~panoviz_callback.views.ViewSet` (only cameras and image size are used).

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,15 +122,22 @@ def test_overlap_fraction_and_column_strip_error():
     assert 98 - len(idx_i) == 6  # ...but 6 strip tokens see nothing of the other view
 
 
-@pytest.mark.parametrize(("faces", "size", "grid"), [(4, S, GRID), (6, S, GRID), (6, 32, (32, 32)), (4, 30, (15, 10))])
+@pytest.mark.parametrize(("faces", "size", "grid"), [(4, S, GRID), (6, S, GRID), (4, 30, (15, 10)), (6, 32, (16, 16))])
 def test_cubemap_is_empty(faces, size, grid):
     vs = make_views(torch.rand(3, 32, 64), "cubemap", image_size=size, faces=faces, patch_size=1)
     for i, j in vs.pairs:
         for a, b in ((i, j), (j, i)):
             idx_a, idx_b = patch_correspondence(vs, a, b, grid)
             assert idx_a.numel() == 0 and idx_b.numel() == 0 and idx_a.dtype == torch.long
-    # with one token per pixel the edge pixel centres of two faces sit exactly on the shared edge:
-    # they are not "strictly inside", so even then nothing matches (checked above with grid = size)
+
+
+def test_cubemap_pixel_grid_shares_only_the_edge_rays():
+    """With one token per pixel the edge pixel centres of two faces are the same rays (both at 45 deg):
+    those, and only those, correspond (edge column to edge column)."""
+    vs = make_views(torch.rand(3, 32, 64), "cubemap", image_size=32, faces=4, patch_size=1)
+    idx_a, idx_b = patch_correspondence(vs, 0, 1, (32, 32))
+    assert len(idx_a) > 0
+    assert (idx_a % 32 == 31).all() and (idx_b % 32 == 0).all() and torch.equal(idx_a // 32, idx_b // 32)
 
 
 def test_correspondence_cache_and_copies(device):
@@ -325,3 +333,81 @@ def test_panollava_warp_and_stitch(textured_panorama):
     vw = _panollava_views(pano, "head", "sliding_window", size=128)
     _, covered = stitch_equirect(vw.pixels, vw, (256, 512))
     assert torch.equal(covered.all(dim=1), (torch.arange(256) >= 21) & (torch.arange(256) < 235))
+
+
+# ---------------------------------------------------------------- exact ties on every grid (independent rays)
+
+_GRIDS = [(224, 7), (224, 14), (256, 16), (336, 24), (384, 27)]
+
+
+def _ray_partners_perspective(cam_i, cam_j, size: int, g: int) -> tuple[list[int], list[int]]:
+    """NumPy float64 from the documented conventions: pixel centres at +-fov/2, R = R_y(yaw) R_x(pitch)."""
+    def rot(cam):
+        y, p = np.deg2rad(cam.yaw_deg), np.deg2rad(cam.pitch_deg)
+        ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+        rx = np.array([[1, 0, 0], [0, np.cos(p), np.sin(p)], [0, -np.sin(p), np.cos(p)]])
+        return ry @ rx
+
+    def tans(cam):
+        return np.tan(np.deg2rad(cam.fov_deg) / 2), np.tan(np.deg2rad(cam.vfov_deg or cam.fov_deg) / 2)
+
+    c = (np.arange(g) + 0.5) * size / g - 0.5  # view pixel coordinates of the token centres
+    x, y = np.meshgrid(c, c, indexing="xy")
+    tx_i, ty_i = tans(cam_i)
+    rays = np.stack([tx_i * (2 * x / (size - 1) - 1), ty_i * (1 - 2 * y / (size - 1)), np.ones_like(x)], -1)
+    world = rays.reshape(-1, 3) @ rot(cam_i).T
+    local = world @ rot(cam_j)  # world -> camera j
+    tx_j, ty_j = tans(cam_j)
+    front = local[:, 2] > 1e-9
+    z = np.where(front, local[:, 2], 1.0)
+    xj = (local[:, 0] / z / tx_j + 1) * (size - 1) / 2
+    yj = (1 - local[:, 1] / z / ty_j) * (size - 1) / 2
+    u, v = (xj + 0.5) * g / size + 1e-9, (yj + 0.5) * g / size + 1e-9  # the documented tie rule
+    keep = front & (u >= 0) & (u < g) & (v >= 0) & (v < g)
+    idx = np.nonzero(keep)[0]
+    return idx.tolist(), (np.floor(v[idx]).astype(int) * g + np.floor(u[idx]).astype(int)).tolist()
+
+
+def _exact_partners_window(cam_i, cam_j, g: int) -> tuple[list[int], list[int]]:
+    """Exact rational arithmetic (windows are linear in angle): boundaries are decided exactly."""
+    from fractions import Fraction as Fr
+
+    yaw_i, yaw_j, fov_i, fov_j = (Fr(v) for v in (cam_i.yaw_deg, cam_j.yaw_deg, cam_i.fov_deg, cam_j.fov_deg))
+    out_i, out_j = [], []
+    for r in range(g):
+        for c in range(g):
+            lon = yaw_i + (Fr(2 * c + 1, 2 * g) - Fr(1, 2)) * fov_i
+            dlon = (lon - yaw_j + 180) % 360 - 180
+            u = (dlon / fov_j + Fr(1, 2)) * g
+            if 0 <= u < g:  # same pitch and vfov: the row is kept
+                out_i.append(r * g + c)
+                out_j.append(r * g + math.floor(u))
+    return out_i, out_j
+
+
+@pytest.mark.parametrize(("size", "grid"), _GRIDS)
+def test_convention_ties_e2p_against_independent_rays(size, grid):
+    vs = make_views(torch.rand(3, 64, 128), "e2p", image_size=size)
+    for i, j in vs.pairs[:3]:
+        idx_i, idx_j = patch_correspondence(vs, i, j, (grid, grid))
+        want_i, want_j = _ray_partners_perspective(vs.cameras[i], vs.cameras[j], size, grid)
+        assert idx_i.tolist() == want_i and idx_j.tolist() == want_j
+    if grid % 2:  # the centre column of view i lands on the edge pixel centre of view j (x = 0): kept
+        idx_i, idx_j = patch_correspondence(vs, 1, 0, (grid, grid))
+        assert ((idx_j % grid) == grid - 1).any()
+        idx_i, idx_j = patch_correspondence(vs, 0, 1, (grid, grid))
+        centre = idx_i % grid == grid // 2
+        assert centre.sum() >= grid // 2 and ((idx_j[centre] % grid) == 0).all()
+
+
+@pytest.mark.parametrize(("size", "grid"), _GRIDS)
+def test_convention_ties_sliding_window_one_constant_shift(size, grid):
+    vs = make_views(torch.rand(3, 512, 1024), "sliding_window", image_size=size)
+    shifts = set()
+    for i, j in vs.pairs:
+        idx_i, idx_j = patch_correspondence(vs, i, j, (grid, grid))
+        want_i, want_j = _exact_partners_window(vs.cameras[i], vs.cameras[j], grid)
+        assert idx_i.tolist() == want_i and idx_j.tolist() == want_j
+        assert torch.equal(idx_i // grid, idx_j // grid)
+        shifts |= set((idx_i % grid - idx_j % grid).tolist())
+    assert shifts == {grid // 2}  # a shift of grid / 2 tokens; on odd grids x.5 -> the cell above the boundary
