@@ -23,6 +23,7 @@ from torch import Tensor
 
 from panoviz_callback import metrics as _m
 from panoviz_callback._checks import _check_choice, _check_range
+from panoviz_callback.background import padding_tokens
 from panoviz_callback.correspondence import patch_correspondence, warp_pairs
 from panoviz_callback.features import TokenFeatures, apply_resampler, extract_features
 from panoviz_callback.pca import PCAState, pca_rgb
@@ -32,13 +33,14 @@ __all__ = ["METRICS", "LEVELS", "MetricResult", "LevelResult", "AnalysisResult",
 
 #: Metric names, in report order (the keys of :attr:`LevelResult.metrics`).
 METRICS = (
-    "token_cosine", "overlap_cosine", "hungarian_cosine", "hungarian_accuracy",
-    "linear_cka", "debiased_cka", "ssim", "lpips",
+    "token_cosine", "overlap_cosine", "hungarian_cosine", "hungarian_accuracy", "nn_accuracy",
+    "linear_cka", "debiased_cka", "overlap_cka", "overlap_debiased_cka", "ssim", "lpips",
 )
 #: Level names: the encoder's tokens and the resampler's output.
 LEVELS = ("vision_encoder", "resampled")
 _BG_MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")
-_NEEDS_OVERLAP = ("overlap_cosine", "hungarian_accuracy", "ssim", "lpips")
+_NEEDS_OVERLAP = ("overlap_cosine", "hungarian_cosine", "hungarian_accuracy", "nn_accuracy", "overlap_cka",
+                  "overlap_debiased_cka", "ssim", "lpips")
 _IMAGE_METRICS = ("ssim", "lpips")
 
 _NO_OVERLAP = "not applicable: the views of this crop strategy do not overlap"
@@ -57,12 +59,18 @@ class MetricResult:
         mean: mean over the defined pairs.
         std: population standard deviation over the defined pairs.
         skipped: why the metric was not computed (then the other fields are None).
+        chance: for the matching accuracies, the mean over the defined pairs of the score of
+            features that carry no information (``metrics.matching_chance``), else None.
+        ceiling: for ``hungarian_accuracy``, the mean best score any one-to-one matching can
+            reach from the geometry alone (``metrics.matching_ceiling``), else None.
     """
 
     per_pair: list[float] | None = None
     mean: float | None = None
     std: float | None = None
     skipped: str | None = None
+    chance: float | None = None
+    ceiling: float | None = None
 
     @classmethod
     def from_values(cls, values: Sequence[float], reason_if_empty: str) -> MetricResult:
@@ -76,11 +84,14 @@ class MetricResult:
         return cls(per_pair=values, mean=mean, std=std)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"per_pair", "mean", "std"}`` (NaN as None) or ``{"skipped": reason}``."""
+        """``{"per_pair", "mean", "std"}`` (NaN as None, plus ``chance``/``ceiling`` when set) or
+        ``{"skipped": reason}``."""
         if self.skipped is not None:
             return {"skipped": self.skipped}
         per_pair = [v if math.isfinite(v) else None for v in self.per_pair or []]
-        return {"per_pair": per_pair, "mean": self.mean, "std": self.std}
+        out = {"per_pair": per_pair, "mean": self.mean, "std": self.std}
+        out.update({k: v for k, v in (("chance", self.chance), ("ceiling", self.ceiling)) if v is not None})
+        return out
 
 
 @dataclass
@@ -93,6 +104,10 @@ class LevelResult:
         pca_images: ``(V, 3, gh, gw)`` in ``[0, 1]``, or ``(V, 3, 1, Q)`` strips for query tokens.
         fg_mask: ``(V, N)`` bool, the tokens the PCA treated as foreground.
         metrics: ``{metric name: MetricResult}`` in :data:`METRICS` order.
+        valid: ``(V, N)`` bool, the tokens that see image content (False: letterbox padding of a
+            global view, drawn grey and left out of the PCA), or None when all do.
+        bg_note: why the PCA kept every token although a background mode was asked for
+            (e.g. "not bimodal"), else None.
     """
 
     name: str
@@ -100,6 +115,15 @@ class LevelResult:
     pca_images: Tensor
     fg_mask: Tensor
     metrics: dict[str, MetricResult] = field(default_factory=dict)
+    valid: Tensor | None = None
+    bg_note: str | None = None
+
+    @property
+    def masked_share(self) -> list[float]:
+        """Per view, the share of its image tokens the PCA left out (background or outliers), in [0, 1]."""
+        valid = torch.ones_like(self.fg_mask) if self.valid is None else self.valid.to(self.fg_mask.device)
+        masked = (~self.fg_mask & valid).sum(1).double()
+        return (masked / valid.sum(1).clamp_min(1).double()).tolist()
 
     @property
     def spatial(self) -> bool:
@@ -126,13 +150,18 @@ class AnalysisResult:
     timings: dict[str, float] = field(default_factory=dict)
 
     def scalars(self) -> dict[str, float]:
-        """``{"LEVEL/METRIC": mean}`` for every metric that was computed (skipped ones left out)."""
-        return {
+        """``{"LEVEL/METRIC": mean}`` for every metric that was computed (skipped ones left out), and
+        ``{"LEVEL/masked_share": mean over views}``, the share of tokens the PCA left out."""
+        out = {
             f"{level}/{name}": float(m.mean)
             for level, res in self.levels.items()
             for name, m in res.metrics.items()
             if m.skipped is None and m.mean is not None
         }
+        for level, res in self.levels.items():
+            share = res.masked_share
+            out[f"{level}/masked_share"] = float(sum(share) / len(share)) if share else 0.0
+        return out
 
     def to_dict(self, image: Any = None, checkpoint: Any = None) -> dict[str, Any]:
         """The ``similarity_NAME.json`` dict (schema in :mod:`panoviz_callback.report`); JSON-serialisable.
@@ -148,6 +177,8 @@ class AnalysisResult:
         levels = {
             name: {
                 "token_grid": [int(v) for v in res.features.grid_hw] if res.spatial else None,
+                "masked_share": [round(v, 6) for v in res.masked_share],
+                "bg_note": res.bg_note,
                 "metrics": {metric: m.to_dict() for metric, m in res.metrics.items()},
             }
             for name, res in self.levels.items()
@@ -407,14 +438,19 @@ class Analyzer:
                 previous = previous.to(tokens.device)
         freeze = self.freeze_pca and previous is not None and previous.n_components == self.n_components and (
             previous.bg_removal == self.bg_removal)
+        valid = None
+        if spatial:
+            padding = padding_tokens(views, grid)  # (V, N): letterbox bars of a global view
+            valid = None if not bool(padding.any()) else ~padding.to(tokens.device)
         with timer(f"{name}/pca"):
             images, fg_mask, state = pca_rgb(
                 grid_tokens, grid, n_components=self.n_components, bg_removal=self.bg_removal,
-                bg_threshold=self.bg_threshold, state=previous, freeze=freeze,
+                bg_threshold=self.bg_threshold, state=previous, freeze=freeze, valid=valid,
             )
         metrics = self._metrics(name, tokens, grid_tokens if spatial else None, grid if spatial else None,
                                 images, views, timer)
-        return LevelResult(name=name, features=feats, pca_images=images, fg_mask=fg_mask, metrics=metrics), state
+        return LevelResult(name=name, features=feats, pca_images=images, fg_mask=fg_mask, metrics=metrics,
+                           valid=valid, bg_note=state.note), state
 
     def _metrics(
         self, name: str, tokens: Tensor, grid_tokens: Tensor | None, grid: tuple[int, int] | None, images: Tensor,
@@ -461,21 +497,8 @@ class Analyzer:
                     values = _m._overlap_cosine_views(units()[:, prefix:], idx_i, idx_j, [c[0] for c in corr],
                                                       [c[1] for c in corr]).tolist()
                 out["overlap_cosine"] = MetricResult.from_values(values, no_overlap_reason)
-        if "hungarian_cosine" in wanted or "hungarian_accuracy" in wanted:
-            with timer(f"{name}/hungarian_cosine"):
-                cos, assignments = _m._hungarian_views(units(), idx_i, idx_j)
-            if "hungarian_cosine" in wanted:
-                out["hungarian_cosine"] = MetricResult.from_values(cos.tolist(), "no finite value")
-            if "hungarian_accuracy" in wanted:
-                if corr is None or not any(overlaps) or tokens.shape[1] != grid_tokens.shape[1]:
-                    reason = no_overlap_reason if corr is None or not any(overlaps) else (
-                        "not applicable: prefix tokens are kept (keep_cls_token=True)")
-                    out["hungarian_accuracy"] = MetricResult(skipped=reason)
-                else:
-                    with timer(f"{name}/hungarian_accuracy"):
-                        values = _m._hungarian_accuracy_views(assignments, [c[0] for c in corr],
-                                                              [c[1] for c in corr], grid).tolist()
-                    out["hungarian_accuracy"] = MetricResult.from_values(values, no_overlap_reason)
+        out.update(self._matching(name, units, grid_tokens, grid, idx_i, idx_j, corr, overlaps, no_overlap_reason,
+                                  timer))
         # CKA: centred Gram matrices once per view (shared by both), unless only the linear CKA
         # is wanted and the feature form is cheaper (N >= D)
         gram_form = "debiased_cka" in wanted or tokens.shape[1] < tokens.shape[2]
@@ -492,10 +515,81 @@ class Analyzer:
             with timer(f"{name}/debiased_cka"):
                 values = _m._debiased_cka_views(grams(), idx_i, idx_j).tolist()
             out["debiased_cka"] = MetricResult.from_values(values, "no finite value")
+        if "overlap_cka" in wanted or "overlap_debiased_cka" in wanted:
+            out.update(self._overlap_cka(name, tokens, grid_tokens, idx_i, idx_j, corr, overlaps, no_overlap_reason,
+                                         timer))
         if any(m in wanted for m in _IMAGE_METRICS):
             out.update(self._image_metrics(name, images, views, pairs, idx_i, corr, overlaps, no_overlap_reason,
                                            timer))
         return {m: out[m] for m in METRICS if m in out}
+
+    def _matching(
+        self, name: str, units: Callable[[], Tensor], grid_tokens: Tensor | None, grid: tuple[int, int] | None,
+        idx_i: Tensor, idx_j: Tensor, corr: list[tuple[Tensor, Tensor]] | None, overlaps: list[bool], reason: str,
+        timer: _Timer,
+    ) -> dict[str, MetricResult]:
+        """Hungarian cosine/accuracy and nearest-neighbour accuracy (see the README's metric table).
+
+        Grid levels: view i's overlap tokens are matched against all of view j's grid tokens
+        (rectangular, float64), the nearest neighbours come from the same cosines. Query tokens
+        (no geometry): all tokens against all tokens, and no accuracy.
+        """
+        wanted = [m for m in ("hungarian_cosine", "hungarian_accuracy", "nn_accuracy") if m in self.metrics]
+        if not wanted:
+            return {}
+        if grid is None:
+            out = {m: MetricResult(skipped=reason) for m in wanted if m != "hungarian_cosine"}
+            if "hungarian_cosine" in wanted:
+                with timer(f"{name}/hungarian_cosine"):
+                    cos, _ = _m._hungarian_views(units(), idx_i, idx_j)
+                out["hungarian_cosine"] = MetricResult.from_values(cos.tolist(), "no finite value")
+            return out
+        if corr is None or not any(overlaps):
+            return {m: MetricResult(skipped=reason) for m in wanted}
+        prefix = units().shape[1] - grid_tokens.shape[1]
+        grid_units = units()[:, prefix:]  # (V, gh*gw, D)
+        idx_a, idx_b = [c[0] for c in corr], [c[1] for c in corr]
+        out: dict[str, MetricResult] = {}
+        hungarian = "hungarian_cosine" in wanted or "hungarian_accuracy" in wanted
+        with timer(f"{name}/hungarian_cosine" if hungarian else f"{name}/nn_accuracy"):
+            sims = _m._overlap_sims(grid_units, idx_i, idx_j, idx_a,
+                                    torch.float64 if hungarian else torch.float32)
+        if hungarian:
+            with timer(f"{name}/hungarian_cosine"):
+                cos, assignments = _m._overlap_hungarian_views(sims, idx_a, grid_units.shape[1])
+            if "hungarian_cosine" in wanted:
+                out["hungarian_cosine"] = MetricResult.from_values(cos.tolist(), reason)
+        chance = ceiling = None
+        if "hungarian_accuracy" in wanted or "nn_accuracy" in wanted:
+            chance, ceiling = _m._matching_reference_views(idx_b, idx_a, grid)
+        if "hungarian_accuracy" in wanted:
+            with timer(f"{name}/hungarian_accuracy"):
+                values = _m._hungarian_accuracy_views(assignments, idx_a, idx_b, grid).tolist()
+            out["hungarian_accuracy"] = _with_reference(MetricResult.from_values(values, reason), chance, ceiling)
+        if "nn_accuracy" in wanted:
+            with timer(f"{name}/nn_accuracy"):
+                values = _m._nn_accuracy_views(sims, idx_b, grid).tolist()
+            out["nn_accuracy"] = _with_reference(MetricResult.from_values(values, reason), chance, None)
+        return out
+
+    def _overlap_cka(
+        self, name: str, tokens: Tensor, grid_tokens: Tensor | None, idx_i: Tensor, idx_j: Tensor,
+        corr: list[tuple[Tensor, Tensor]] | None, overlaps: list[bool], reason: str, timer: _Timer,
+    ) -> dict[str, MetricResult]:
+        wanted = [m for m in ("overlap_cka", "overlap_debiased_cka") if m in self.metrics]
+        if corr is None or not any(overlaps):
+            return {m: MetricResult(skipped=reason) for m in wanted}
+        with timer(f"{name}/overlap_cka"):
+            lin, deb = _m._overlap_cka_views(grid_tokens, idx_i, idx_j, [c[0] for c in corr], [c[1] for c in corr],
+                                             linear="overlap_cka" in wanted,
+                                             debiased="overlap_debiased_cka" in wanted)
+        small = "not applicable: the overlaps hold too few token pairs"
+        out = {}
+        if lin is not None:
+            out["overlap_cka"] = MetricResult.from_values(lin.tolist(), small)
+        if deb is not None:
+            out["overlap_debiased_cka"] = MetricResult.from_values(deb.tolist(), small)
+        return out
 
     def _image_metrics(
         self, name: str, images: Tensor, views: ViewSet, pairs: list[tuple[int, int]], idx_i: Tensor,
@@ -529,6 +623,19 @@ class Analyzer:
                     values = lpips(ref, warped, mask).tolist()
                 out["lpips"] = MetricResult.from_values(values, reason)
         return out
+
+
+def _with_reference(result: MetricResult, chance: list[float] | None,
+                    ceiling: list[float] | None) -> MetricResult:
+    """Attach the mean chance level / ceiling over the pairs where the metric is defined."""
+    if result.skipped is not None:
+        return result
+    defined = [p for p, v in enumerate(result.per_pair) if math.isfinite(v)]
+    for attr, values in (("chance", chance), ("ceiling", ceiling)):
+        if values is not None:
+            picked = [values[p] for p in defined if math.isfinite(values[p])]
+            setattr(result, attr, sum(picked) / len(picked) if picked else None)
+    return result
 
 
 def _as_float32(feats: TokenFeatures) -> TokenFeatures:

@@ -277,8 +277,8 @@ def _align_basis(basis: Tensor, var: Tensor, ref: Tensor) -> Tensor:
         u, _, vh = torch.linalg.svd(sub.T @ target, full_matrices=True)  # (g, g), (g', g')
         g, g2 = len(group), target.shape[1]
         rot = u[:, :g2] @ vh if g2 == g else torch.linalg.qr(torch.cat([u[:, :g2] @ vh, u[:, g2:]], 1)).Q
-        rotated = sub @ rot  # (D, g): the first g' columns best match ``target``
-        b[:, cols] = rotated
+        if bool((rot - torch.eye(g, dtype=rot.dtype, device=rot.device)).abs().max() > 1e-6):
+            b[:, cols] = sub @ rot  # (D, g): the first g' columns best match ``target``
     corr = (r.T @ b).abs().cpu().numpy()  # (K', K)
     prev_idx, new_idx = linear_sum_assignment(corr, maximize=True)
     order = [0] * len(prev_idx)

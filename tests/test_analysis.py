@@ -121,7 +121,8 @@ def test_smoke_strategies(pano, encoder, strategy, resampler, res_grid):
             if m.skipped is None:
                 assert len(m.per_pair) == len(views.pairs), name
                 assert math.isfinite(m.mean) and math.isfinite(m.std), name
-    overlap_metrics = ("overlap_cosine", "hungarian_accuracy", "ssim")
+    overlap_metrics = ("overlap_cosine", "hungarian_accuracy", "nn_accuracy", "overlap_cka", "overlap_debiased_cka",
+                       "ssim")
     if strategy == "cubemap":
         for name in overlap_metrics:
             assert enc.metrics[name].skipped == NO_OVERLAP
@@ -134,10 +135,11 @@ def test_smoke_strategies(pano, encoder, strategy, resampler, res_grid):
             assert res.metrics[name].skipped == NO_POSITION
         for name in ("token_cosine", "hungarian_cosine", "linear_cka", "debiased_cka"):
             assert res.metrics[name].skipped is None
-    # order-free Hungarian matching is at least the same-index cosine
-    for level in result.levels.values():
-        hung, tok = level.metrics["hungarian_cosine"].per_pair, level.metrics["token_cosine"].per_pair
+        # query tokens: the order-free all-token matching is at least the same-index cosine
+        hung, tok = res.metrics["hungarian_cosine"].per_pair, res.metrics["token_cosine"].per_pair
         assert all(h >= t - 1e-5 for h, t in zip(hung, tok))
+    if strategy == "cubemap":  # grid levels match overlap tokens: nothing to match without overlap
+        assert enc.metrics["hungarian_cosine"].skipped == NO_OVERLAP
 
 
 def test_convention_direction_features_overlap_beats_token_cosine(pano):
@@ -178,12 +180,15 @@ def test_metrics_equal_the_per_pair_functions(pano, dim, metrics):
     want = {}
     for i, j in views.pairs:
         ci, cj = patch_correspondence(views, i, j, (4, 4))
-        cos, cols = m.hungarian_cosine(tokens[i], tokens[j])
+        cos, cols = m.overlap_hungarian(tokens[i], tokens[j], ci)
         values = {"token_cosine": m.token_cosine(tokens[i][None], tokens[j][None])[0],
                   "overlap_cosine": m.overlap_cosine(tokens[i], tokens[j], ci, cj), "hungarian_cosine": cos,
                   "hungarian_accuracy": m.hungarian_accuracy(cols, ci, cj, (4, 4)),
+                  "nn_accuracy": m.nn_accuracy(tokens[i], tokens[j], ci, cj, (4, 4)),
                   "linear_cka": m.linear_cka(tokens[i], tokens[j]),
-                  "debiased_cka": m.debiased_cka(tokens[i], tokens[j])}
+                  "debiased_cka": m.debiased_cka(tokens[i], tokens[j]),
+                  "overlap_cka": m.overlap_cka(tokens[i], tokens[j], ci, cj),
+                  "overlap_debiased_cka": m.overlap_debiased_cka(tokens[i], tokens[j], ci, cj)}
         for name, value in values.items():
             want.setdefault(name, []).append(float(value))
     assert set(result) == set(metrics)
@@ -206,10 +211,14 @@ def test_to_dict_schema_and_scalars(pano, encoder):
     assert enc["metrics"]["overlap_cosine"] == {"skipped": NO_OVERLAP}
     assert data["levels"]["resampled"]["token_grid"] is None
     assert data["levels"]["resampled"]["metrics"]["overlap_cosine"] == {"skipped": NO_POSITION}
-    assert result.scalars() == {
+    res = data["levels"]["resampled"]
+    assert len(enc["masked_share"]) == len(views) and len(res["masked_share"]) == len(views)
+    assert result.scalars() == pytest.approx({
         "vision_encoder/token_cosine": enc["metrics"]["token_cosine"]["mean"],
-        "resampled/token_cosine": data["levels"]["resampled"]["metrics"]["token_cosine"]["mean"],
-    }
+        "resampled/token_cosine": res["metrics"]["token_cosine"]["mean"],
+        "vision_encoder/masked_share": sum(enc["masked_share"]) / len(views),
+        "resampled/masked_share": sum(res["masked_share"]) / len(views),
+    }, abs=1e-6)
     assert analyze(views, encoder, metrics=()).levels["vision_encoder"].metrics == {}
 
 
@@ -226,8 +235,9 @@ def test_stable_colors_and_state_dict_roundtrip(pano, encoder):
     analyzer = Analyzer(metrics=["token_cosine"])
     first = analyzer(views, encoder, resampler)
     second = analyzer(views, encoder, resampler)
-    for level in first.levels:
-        assert torch.equal(first.levels[level].pca_images, second.levels[level].pca_images), level
+    for level in first.levels:  # identical tokens, identical colours (the warm-started refit: ~1e-7)
+        torch.testing.assert_close(first.levels[level].pca_images, second.levels[level].pca_images, atol=1e-5,
+                                   rtol=0, msg=level)
 
     buffer = io.BytesIO()
     torch.save(analyzer.state_dict(), buffer)
@@ -255,6 +265,8 @@ def test_float32_under_bf16_autocast(pano, encoder):
         assert all(isinstance(m.mean, float) for m in level.metrics.values())
     # the encoder ran in bf16 (features differ slightly), the analysis in float32 (values are close)
     for key, value in reference.scalars().items():
+        if key.endswith("accuracy"):  # hit counts of ~8 tokens per pair of random features: discrete noise
+            continue
         assert result.scalars()[key] == pytest.approx(value, abs=0.1), key
 
 

@@ -45,6 +45,7 @@ from panoviz_callback.metrics.matching import (
     _matching_reference_views,
     _nn_accuracy_views,
     _overlap_hungarian_views,
+    _overlap_sims,
     hungarian_accuracy,
     hungarian_cosine,
     matching_ceiling,
@@ -74,4 +75,4 @@ __all__ = [
 _PRIVATE = (_acc_dtype, _full_precision, _unit, _cka_grams, _debiased_cka_views, _linear_cka_features,
             _linear_cka_views, _overlap_cka_views, _overlap_cosine_views, _token_cosine_views,
             _hungarian_accuracy_views, _hungarian_views, _matching_reference_views, _nn_accuracy_views,
-            _overlap_hungarian_views)  # used by analysis.py and the tests through this package
+            _overlap_hungarian_views, _overlap_sims)  # used by analysis.py and the tests through this package
