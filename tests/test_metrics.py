@@ -13,17 +13,26 @@ from scipy.optimize import linear_sum_assignment
 from skimage.metrics import structural_similarity
 
 from panoviz_callback import metrics
+from panoviz_callback.correspondence import patch_correspondence
 from panoviz_callback.metrics import (
     LPIPSMetric,
     debiased_cka,
     hungarian_accuracy,
     hungarian_cosine,
     linear_cka,
+    matching_ceiling,
+    matching_chance,
+    nn_accuracy,
+    overlap_cka,
     overlap_cosine,
     overlap_cosine_pairs,
+    overlap_debiased_cka,
+    overlap_hungarian,
     ssim,
     token_cosine,
 )
+from panoviz_callback.projection import pixel_to_direction
+from panoviz_callback.views import make_views
 
 def _t(x):
     return torch.as_tensor(np.asarray(x))
@@ -542,3 +551,136 @@ def test_exceptions_cosines():
         hungarian_cosine(torch.randn(4, 3), torch.randn(4, 4))
     with pytest.raises(ValueError, match=r"gh \* gw == N = 9"):
         hungarian_accuracy(torch.arange(9), torch.tensor([0]), torch.tensor([0]), (2, 4))
+
+
+# ---------------------------------------------------------------- overlap-paired CKA
+
+
+def _paired(seed=3, k=60, n=90, d=24):
+    g = torch.Generator().manual_seed(seed)
+    scene = torch.randn(k, d, generator=g, dtype=torch.float64)  # k shared scene points
+    a = torch.randn(n, d, generator=g, dtype=torch.float64)
+    b = torch.randn(n, d + 4, generator=g, dtype=torch.float64)
+    idx_a = torch.randperm(n, generator=g)[:k]
+    idx_b = torch.randperm(n, generator=g)[:k]
+    rot = torch.linalg.qr(torch.randn(d + 4, d + 4, generator=g, dtype=torch.float64)).Q[:d]  # (d, d + 4)
+    a[idx_a] = scene
+    b[idx_b] = 2.0 * scene @ rot + 0.3 * torch.randn(k, d + 4, generator=g, dtype=torch.float64)
+    return a.float(), b.float(), idx_a, idx_b
+
+
+def test_overlap_cka_matches_numpy_on_paired_rows():
+    a, b, idx_a, idx_b = _paired()
+    x, y = a[idx_a].double().numpy(), b[idx_b].double().numpy()
+    x, y = x - x.mean(0), y - y.mean(0)
+    assert overlap_cka(a, b, idx_a, idx_b).item() == pytest.approx(_np_linear_cka_hsic(x, y), abs=1e-5)
+    assert overlap_debiased_cka(a, b, idx_a, idx_b).item() == pytest.approx(_np_debiased_cka_ucentre(x, y),
+                                                                            abs=1e-5)
+    assert overlap_cka(a, b, idx_a, idx_b).item() > 0.9  # the same scene points, rotated and noisy
+
+
+def test_overlap_cka_invariant_to_joint_permutation_not_to_shuffling():
+    a, b, idx_a, idx_b = _paired(seed=4)
+    perm = torch.randperm(len(idx_a), generator=torch.Generator().manual_seed(0))
+    for fn in (overlap_cka, overlap_debiased_cka):
+        ref = fn(a, b, idx_a, idx_b).item()
+        assert fn(a, b, idx_a[perm], idx_b[perm]).item() == pytest.approx(ref, abs=1e-6)
+        shuffled = fn(a, b, idx_a, idx_b[perm]).item()  # rows of view j paired with other scene points
+        assert shuffled < ref - 0.3
+
+
+def test_overlap_cka_small_overlaps_are_nan_and_batched_equals_per_pair():
+    a, b, idx_a, idx_b = _paired(seed=5, d=24)
+    assert math.isnan(overlap_cka(a, b, idx_a[:1], idx_b[:1]).item())
+    assert math.isnan(overlap_debiased_cka(a, b, idx_a[:3], idx_b[:3]).item())
+    feats = torch.stack([a, b[:, :24]])  # (2, N, D)
+    ii, jj = torch.tensor([0, 1, 0]), torch.tensor([1, 0, 1])
+    ia, ib = [idx_a, idx_b, idx_a[:2]], [idx_b, idx_a, idx_b[:2]]
+    lin, deb = metrics._overlap_cka_views(feats, ii, jj, ia, ib)
+    for p, (i, j) in enumerate(zip(ii.tolist(), jj.tolist())):
+        want_lin = overlap_cka(feats[i], feats[j], ia[p], ib[p]).item()
+        want_deb = overlap_debiased_cka(feats[i], feats[j], ia[p], ib[p]).item()
+        assert lin[p].item() == pytest.approx(want_lin, abs=1e-6, nan_ok=True)
+        assert deb[p].item() == pytest.approx(want_deb, abs=1e-6, nan_ok=True)
+    only_lin, none = metrics._overlap_cka_views(feats, ii, jj, ia, ib, debiased=False)  # feature form (K >= D)
+    assert none is None
+    torch.testing.assert_close(only_lin, lin, atol=1e-6, rtol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------- well-posed matching
+
+
+def test_overlap_hungarian_matches_scipy_rectangular_float64():
+    g = torch.Generator().manual_seed(8)
+    a, b = torch.randn(30, 16, generator=g), torch.randn(30, 16, generator=g)
+    idx_a = torch.tensor([1, 4, 5, 9, 12, 20, 21, 29])
+    cos, cols = overlap_hungarian(a, b, idx_a)
+    an = a.double() / a.double().norm(dim=1, keepdim=True)
+    bn = b.double() / b.double().norm(dim=1, keepdim=True)
+    sim = (an[idx_a] @ bn.T).numpy()  # (8, 30)
+    rows, want = linear_sum_assignment(sim, maximize=True)
+    assert cols[idx_a].tolist() == want.tolist()
+    assert (cols[[i for i in range(30) if i not in set(idx_a.tolist())]] == -1).all()
+    assert cos.item() == pytest.approx(sim[rows, want].mean(), abs=1e-6)
+    with pytest.raises(ValueError, match="distinct indices"):
+        overlap_hungarian(a, b, torch.tensor([1, 1]))
+
+
+def test_matching_chance_and_ceiling_known_answers():
+    # partners in a 3 x 3 grid: corner (4 neighbours incl. itself) and centre (9): chance (4 + 9) / 2 / 9
+    assert matching_chance(torch.tensor([0, 4]), (3, 3)) == pytest.approx(13 / 18)
+    # three tokens share partner 0 on a 1 x 4 grid: tokens 0 and 1 are within one of it -> 2 of 3
+    assert matching_ceiling(torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]), (1, 4)) == pytest.approx(2 / 3)
+    assert matching_ceiling(torch.tensor([0, 1]), torch.tensor([3, 2]), (1, 4)) == 1.0
+    assert math.isnan(matching_chance(torch.empty(0, dtype=torch.long), (2, 2)))
+    assert nn_accuracy(torch.eye(4), torch.eye(4).flip(0), torch.tensor([0]), torch.tensor([0]), (1, 4)) == 0.0
+
+
+def _scene_point_features(views, grid):
+    """The viewing direction of every token centre: a pure function of the scene point (on the sphere)."""
+    s = views.image_size
+    c = (torch.arange(grid, dtype=torch.float64) + 0.5) * s / grid - 0.5
+    ys, xs = torch.meshgrid(c, c, indexing="ij")
+    xy = torch.stack([xs, ys], -1).reshape(1, -1, 2).expand(len(views), -1, -1)
+    dirs, _ = pixel_to_direction(xy, views.cameras, s)
+    return dirs.float()  # (V, N, 3)
+
+
+@pytest.mark.parametrize(("strategy", "size", "grid"), [
+    ("e2p", 224, 7), ("e2p", 224, 14), ("e2p", 256, 16), ("e2p", 336, 24), ("e2p", 384, 27),
+    ("sliding_window", 224, 14), ("sliding_window", 384, 27),
+])
+def test_convention_scene_point_features_are_matched(strategy, size, grid):
+    """Features that depend only on the scene point: nearest neighbours are all within one token of the
+    partner, and the Hungarian matching reaches >= 0.95 (>= 0.95 of the geometric ceiling where the
+    e2p edge compression puts the ceiling itself below 1: 24 x 24, 27 x 27). Chance is about 9 / N."""
+    views = make_views(torch.rand(3, 64, 128), strategy, image_size=size)
+    feats = _scene_point_features(views, grid)
+    for i, j in views.pairs[:2]:
+        idx_a, idx_b = patch_correspondence(views, i, j, (grid, grid))
+        _, cols = overlap_hungarian(feats[i], feats[j], idx_a)
+        acc = hungarian_accuracy(cols, idx_a, idx_b, (grid, grid))
+        ceiling = matching_ceiling(idx_a, idx_b, (grid, grid))
+        assert nn_accuracy(feats[i], feats[j], idx_a, idx_b, (grid, grid)) == pytest.approx(1.0, abs=1e-9)
+        assert acc >= 0.95 * ceiling and (acc >= 0.95 or ceiling < 0.96)
+        assert matching_chance(idx_b, (grid, grid)) == pytest.approx(9 / grid**2, rel=0.2)
+        if grid <= 16:
+            assert ceiling == 1.0
+
+
+def test_views_matching_helpers_equal_per_pair_functions():
+    views = make_views(torch.rand(3, 64, 128), "e2p", image_size=224)
+    feats = torch.randn(len(views), 196, 12, generator=torch.Generator().manual_seed(2))
+    units = metrics._unit(feats)
+    pairs = views.pairs[:3]
+    ii, jj = torch.tensor([i for i, _ in pairs]), torch.tensor([j for _, j in pairs])
+    corr = [patch_correspondence(views, i, j, (14, 14)) for i, j in pairs]
+    idx_a, idx_b = [c[0] for c in corr], [c[1] for c in corr]
+    sims = metrics._overlap_sims(units, ii, jj, idx_a)
+    cos, assign = metrics._overlap_hungarian_views(sims, idx_a, 196)
+    nn = metrics._nn_accuracy_views(metrics._overlap_sims(units, ii, jj, idx_a, torch.float32), idx_b, (14, 14))
+    for p, (i, j) in enumerate(pairs):
+        want_cos, want_cols = overlap_hungarian(feats[i], feats[j], idx_a[p])
+        assert torch.equal(assign[p], want_cols)
+        assert cos[p].item() == pytest.approx(want_cos.item(), abs=1e-6)
+        assert nn[p].item() == pytest.approx(nn_accuracy(feats[i], feats[j], idx_a[p], idx_b[p], (14, 14)))
