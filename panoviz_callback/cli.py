@@ -152,6 +152,8 @@ def _main_parser() -> _Parser:
     p.add_argument(*_flag("no_cls_token"), action="store_true", help="keep the prefix tokens (CLS, registers) "
                    "in the encoder level (default: dropped)")
     p.add_argument(*_flag("bg_removal"), choices=_BG_MODES, help="PCA background handling (default threshold)")
+    p.add_argument(*_flag("bg_threshold"), type=_number, metavar="T", help="threshold in [0, 1] on the robustly "
+                   "scaled first component (bg_removal threshold; default 0.5; used only when it is bimodal)")
     p.add_argument(*_flag("no_similarity"), action="store_true", help="skip the metrics (figures only)")
     p.add_argument(*_flag("device"), choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available, else the CPU")
@@ -235,7 +237,7 @@ def _run(args: argparse.Namespace) -> int:
     options = {"crop_strategy": args.crop_strategy, "fov": args.fov, "overlap": args.overlap,
                "image_size": args.image_size, "layer": args.layer, "n_components": args.n_components,
                "keep_cls_token": True if args.no_cls_token else None, "bg_removal": args.bg_removal,
-               "no_similarity": args.no_similarity}
+               "bg_threshold": args.bg_threshold, "no_similarity": args.no_similarity}
     plan = rn.plan_run(options, spec.callback, spec.geometry)
     if sources is None:
         sources = [rn.callback_probe(spec.callback)]

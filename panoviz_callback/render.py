@@ -351,7 +351,7 @@ def pca_figure(
             pano_w, pano_h = pano_w * cap / pano_h, cap
     # heights from the bottom: margin, panorama, its title, PCA row, gap, views row, view titles, suptitle
     parts = [_MARGIN_IN if res.spatial else 0.5, pano_h, 0.3 if res.spatial else 0.0, pca_h, 0.1 if res.spatial
-             else 0.15, row_h, _TITLE_IN, 0.3]
+             else 0.15, row_h, _TITLE_IN, 0.45]  # suptitle: two lines
     fig_h = sum(parts)
     fig = Figure(figsize=(width, fig_h))
     bottoms = np.cumsum([0.0, *parts[:-1]])
@@ -367,9 +367,20 @@ def pca_figure(
                           upsample=upsample)
     grid_hw = res.features.grid_hw
     layout = f"{grid_hw[0]}x{grid_hw[1]} tokens" if res.spatial else f"{res.pca_images.shape[-1]} query tokens"
-    fig.suptitle(f"{level} PCA ({layout} x {res.features.tokens.shape[-1]} dims per view)", fontsize=9,
-                 y=1 - 0.05 / fig_h, va="top")
+    fig.suptitle(f"{level} PCA ({layout} x {res.features.tokens.shape[-1]} dims per view)\n{_masked_text(result, res)}",
+                 fontsize=9, y=1 - 0.05 / fig_h, va="top")
     return fig
+
+
+def _masked_text(result: Any, res: Any) -> str:
+    """``PCA left out (background/outliers) per view: 0% 12% ...``, or why every token was kept."""
+    share = getattr(res, "masked_share", None)
+    if share is None:
+        return ""
+    shares = " ".join(f"{100 * share[k]:.0f}%" for k in display_order(result.views))
+    note = getattr(res, "bg_note", None)
+    kept = " (kept every token: not bimodal)" if note and "not bimodal" in note else ""
+    return f"tokens left out of the PCA per view: {shares}{kept}"
 
 
 def save_figure_atomic(fig: Figure, path: str | os.PathLike, *, dpi: int = _DPI) -> Path:

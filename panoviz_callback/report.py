@@ -11,8 +11,11 @@ JSON schema (``similarity_NAME.json``)::
      "views": [{"yaw_deg": float, "pitch_deg": float, "fov_deg": float, "kind": str}, ...],
      "pairs": [[i, j], ...],
      "levels": {"vision_encoder": {"token_grid": [gh, gw] | null,
+                                   "masked_share": [float, ...],   # per view, left out of the PCA
+                                   "bg_note": str | null,          # e.g. "not bimodal: kept every token"
                                    "metrics": {METRIC: {"per_pair": [float | null, ...],
-                                                        "mean": float, "std": float}
+                                                        "mean": float, "std": float,
+                                                        "chance": float, "ceiling": float}  # accuracies only
                                                        | {"skipped": "reason"}}},
                 "resampled": {...}}}
 
@@ -39,10 +42,15 @@ __all__ = ["format_text_report", "write_reports", "load_similarity_json", "METRI
 METRIC_DESCRIPTIONS = {
     "token_cosine": "cosine of tokens at the same index (the original tool's metric)",
     "overlap_cosine": "cosine of token pairs that see the same scene point",
-    "hungarian_cosine": "mean cosine after optimal one-to-one token matching",
+    "hungarian_cosine": "mean cosine after optimal one-to-one matching of view i's overlap tokens to all of "
+                        "view j's tokens (query tokens: all to all)",
     "hungarian_accuracy": "fraction of matched overlap tokens within one token of their geometric partner",
-    "linear_cka": "centred linear CKA (Kornblith et al. 2019)",
-    "debiased_cka": "linear CKA with the unbiased HSIC estimator",
+    "nn_accuracy": "fraction of overlap tokens whose nearest neighbour (cosine) in view j is within one token of "
+                   "their geometric partner",
+    "linear_cka": "centred linear CKA, rows paired by grid index (a layout score, Kornblith et al. 2019)",
+    "debiased_cka": "linear CKA with the unbiased HSIC estimator, rows paired by grid index",
+    "overlap_cka": "centred linear CKA over the token pairs that see the same scene point",
+    "overlap_debiased_cka": "debiased linear CKA over the token pairs that see the same scene point",
     "ssim": "SSIM of the PCA images over the overlap (view j warped into view i)",
     "lpips": "LPIPS distance of the PCA images over the overlap (lower = more similar)",
 }
@@ -92,6 +100,12 @@ def format_text_report(data: dict[str, Any]) -> str:
         layout = f"token grid {grid[0]}x{grid[1]}" if grid else "query tokens, no spatial layout"
         header = f" {level} ({layout}) "
         lines += ["", f"{header:=^72}"]
+        share = body.get("masked_share")
+        if share:
+            lines.append("PCA tokens left out (background/outliers) per view: "
+                         + " ".join(f"{k}: {100 * v:.1f}%" for k, v in enumerate(share)))
+        if body.get("bg_note"):
+            lines.append(f"PCA note: {body['bg_note']}")
         for metric, value in (body.get("metrics") or {}).items():
             lines += ["", metric, "-" * len(metric)]
             if metric in METRIC_DESCRIPTIONS:
@@ -103,6 +117,9 @@ def format_text_report(data: dict[str, Any]) -> str:
             for (i, j), v in zip(pairs, per_pair):
                 lines.append(f"View {i} <-> View {j}: {_fmt(v)}")
             lines.append(f"mean: {_fmt(value.get('mean'))} +- {_fmt(value.get('std'))}")
+            reference = [f"{key} {_fmt(value[key])}" for key in ("chance", "ceiling") if value.get(key) is not None]
+            if reference:
+                lines.append("reference (mean over pairs): " + ", ".join(reference))
     return "\n".join(lines) + "\n"
 
 

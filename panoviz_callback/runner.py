@@ -242,7 +242,7 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
 
     Args:
         options: ``crop_strategy``, ``fov``, ``overlap``, ``image_size``, ``layer``, ``n_components``,
-            ``keep_cls_token``, ``bg_removal``, ``no_similarity``.
+            ``keep_cls_token``, ``bg_removal``, ``bg_threshold``, ``no_similarity``.
         callback: the :class:`~panoviz_callback.PanoVizCallback` state (None: none).
         geometry: ``crop_strategy`` / ``image_size`` / ``crop_options`` from the checkpoint or config.
 
@@ -278,7 +278,7 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
         raise UsageError(f"invalid crop settings ({strategy}, image size {image_size}, {crop}): {err}") from None
 
     analysis = {k: saved[k] for k in _ANALYZER_SETTINGS if k in saved}
-    for key in ("layer", "n_components", "bg_removal", "keep_cls_token"):
+    for key in ("layer", "n_components", "bg_removal", "bg_threshold", "keep_cls_token"):
         if options.get(key) is not None:
             analysis[key] = options[key]
     if options.get("no_similarity"):

@@ -55,13 +55,14 @@ def test_hyphen_and_underscore_spellings():
     parser = _main_parser()
     common = ["--checkpoint", "c.ckpt", "--image", "a.jpg", "b.jpg"]
     under = parser.parse_args(common + ["--crop_strategy", "cubemap", "--image_size", "64", "--n_components", "2",
-                                        "--bg_removal", "none", "--no_cls_token", "--no_similarity",
-                                        "--output_dir", "o", "--fov", "80", "--overlap", "0.25", "--layer", "-2"])
+                                        "--bg_removal", "none", "--bg_threshold", "0.3", "--no_cls_token",
+                                        "--no_similarity", "--output_dir", "o", "--fov", "80", "--overlap", "0.25", "--layer", "-2"])
     hyphen = parser.parse_args(common + ["--crop-strategy", "cubemap", "--image-size", "64", "--n-components", "2",
-                                         "--bg-removal", "none", "--no-cls-token", "--no-similarity",
-                                         "--output-dir", "o", "--fov", "80", "--overlap", "0.25", "--layer", "-2"])
+                                         "--bg-removal", "none", "--bg-threshold", "0.3", "--no-cls-token",
+                                         "--no-similarity", "--output-dir", "o", "--fov", "80", "--overlap", "0.25", "--layer", "-2"])
     assert under == hyphen
     assert under.image == ["a.jpg", "b.jpg"] and under.device == "auto" and under.layer == -2
+    assert under.bg_threshold == 0.3
     defaults = parser.parse_args(["--checkpoint", "c.ckpt"])
     assert defaults.crop_strategy is None and defaults.n_components is None and not defaults.no_cls_token
 
@@ -256,6 +257,7 @@ def test_unwritable_output_dir(ckpt, pano, tmp_path, capsys):
     (["--crop_strategy", "cube"], "argument --crop_strategy/--crop-strategy: invalid choice: 'cube'"),
     (["--image_size", "abc"], "argument --image_size/--image-size: expected a whole number, got 'abc'"),
     (["--overlap", "1.5"], "Argument `overlap` must be in [0, 1)"),
+    (["--bg_threshold", "1.5"], "Argument `bg_threshold` must be in [0, 1]"),
     (["--crop_strategy", "cubemap", "--fov", "100"], "--fov does not apply to --crop_strategy cubemap"),
 ])
 def test_bad_option_values(ckpt, pano, tmp_path, capsys, argv, match):

@@ -30,7 +30,7 @@ from panoviz_callback.runner import (
 _FILES = ("original_views_{}.png", "vision_encoder_pca_{}.png", "resampled_features_pca_{}.png",
           "similarity_analysis_{}.txt", "similarity_{}.json")
 _NO_FLAGS = dict.fromkeys(("crop_strategy", "fov", "overlap", "image_size", "layer", "n_components",
-                           "keep_cls_token", "bg_removal", "no_similarity"))
+                           "keep_cls_token", "bg_removal", "bg_threshold", "no_similarity"))
 
 
 @pytest.fixture(scope="module")
