@@ -553,7 +553,8 @@ def format_summary(results: Sequence[ImageResult]) -> str:
     for r in ok:
         for key, value in (r.scalars or {}).items():
             level, _, metric = key.partition("/")
-            values.setdefault((level, metric), []).append(value)
+            if metric in METRICS:  # the PCA's masked share is in the reports, not in this table
+                values.setdefault((level, metric), []).append(value)
     skipped = {}
     for r in ok:
         for metric, reason in r.skipped.items():

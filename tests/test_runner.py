@@ -55,8 +55,11 @@ def _files(folder: Path) -> list[str]:
 
 def _means(json_path: Path) -> dict[str, float]:
     data = json.loads(json_path.read_text())
-    return {f"{level}/{metric}": value["mean"] for level, body in data["levels"].items()
-            for metric, value in body["metrics"].items() if "mean" in value}
+    means = {f"{level}/{metric}": value["mean"] for level, body in data["levels"].items()
+             for metric, value in body["metrics"].items() if "mean" in value}
+    for level, body in data["levels"].items():  # the PCA's masked share is logged too
+        means[f"{level}/masked_share"] = sum(body["masked_share"]) / len(body["masked_share"])
+    return means
 
 
 # ---------------------------------------------------------------------------------------------- live == offline
