@@ -21,9 +21,15 @@ also printed without it. Timings are the minimum of ``--repeats`` interleaved ru
 processes share the CPU) after one warm-up run (geometry caches filled, as at every callback
 firing after the first); the total is that of the fastest run.
 
+A second section runs ours alone at the SigLIP-so400m/14-384 shape (8 views x 729 tokens x 1152
+dims, features of a 2-layer random model of that width), prints the per-stage breakdown, and times
+the Hungarian stage both ways in one process: the previous all-token matching (729 x 729 per pair,
+float32 cosines) against ours (view i's overlap tokens against all of view j's, float64), with
+their ratio.
+
 Usage::
 
-    python bench/bench_analysis.py [--repeats 7] [--bg_removal outlier_removal] [--threads 1 2]
+    python bench/bench_analysis.py [--repeats 7] [--bg_removal outlier_removal] [--threads 1 2] [--skip_vitb]
 
 ``--threads`` limits torch and the BLAS libraries of NumPy/SciPy (threadpoolctl) alike, one
 comparison per value; the default 1 keeps both pipelines single-threaded, which is fair and far
@@ -49,8 +55,9 @@ from panoviz_callback.features import extract_features
 from panoviz_callback.panorama import synthetic_panorama
 from panoviz_callback.views import make_views
 
-STAGES = ("pca", "token_cosine", "overlap_cosine", "hungarian_cosine", "hungarian_accuracy", "linear_cka",
-          "debiased_cka", "ssim", "images")
+STAGES = ("pca", "token_cosine", "overlap_cosine", "hungarian_cosine", "hungarian_accuracy", "nn_accuracy",
+          "linear_cka", "debiased_cka", "overlap_cka", "ssim", "images")
+NEW_STAGES = ("nn_accuracy", "overlap_cka")  # metrics the original tool did not have (0 on its side)
 
 
 def vit_b16(seed: int = 0) -> nn.Module:
@@ -97,8 +104,10 @@ def run_ours(views, tokens, bg_removal, analyzer=None):
         "overlap_cosine": t[f"{level}/overlap_cosine"] + t.get(f"{level}/correspondence", 0.0),
         "hungarian_cosine": t[f"{level}/hungarian_cosine"],
         "hungarian_accuracy": t[f"{level}/hungarian_accuracy"],
+        "nn_accuracy": t.get(f"{level}/nn_accuracy", 0.0),
         "linear_cka": t[f"{level}/linear_cka"],
         "debiased_cka": t[f"{level}/debiased_cka"],
+        "overlap_cka": t.get(f"{level}/overlap_cka", 0.0),
         "ssim": t[f"{level}/ssim"] + t[f"{level}/warp"],
         "images": images,
     }
@@ -276,6 +285,7 @@ def run_original(views, tokens, bg_removal, grid, metric_images):
     values["debiased_cka"] = timed("debiased_cka", lambda: [original_debiased_cka(f64[i], f64[j]) for i, j in pairs])
     values["ssim"] = timed("ssim", original_ssim, *metric_images)
     timed("images", original_images, images, views.image_size)
+    stages.update(dict.fromkeys(NEW_STAGES, 0.0))
     return stages, values
 
 
@@ -338,6 +348,9 @@ def compare(views, tokens, grid, forward, args) -> None:
     print(f"{'stage':<20}{'ours (ms)':>11}{'original (ms)':>15}{'speed-up':>10}{'ours warm (ms)':>16}")
     for stage in STAGES:
         a, b, w = ours[stage] * 1e3, orig[stage] * 1e3, warm[stage] * 1e3
+        if stage in NEW_STAGES:
+            print(f"{stage:<20}{a:>11.1f}{'(none)':>15}{'':>10}{w:>16.1f}")
+            continue
         print(f"{stage:<20}{a:>11.1f}{b:>15.1f}{b / max(a, 1e-9):>9.1f}x{w:>16.1f}")
     print(f"{'TOTAL (fastest run)':<20}{ours_total * 1e3:>11.1f}{orig_total * 1e3:>15.1f}"
           f"{orig_total / ours_total:>9.1f}x{warm_total * 1e3:>16.1f}")
@@ -345,7 +358,8 @@ def compare(views, tokens, grid, forward, args) -> None:
     print(f"{'  all but Hungarian':<20}{ours_rest * 1e3:>11.1f}{orig_rest * 1e3:>15.1f}"
           f"{orig_rest / ours_rest:>9.1f}x{warm_rest * 1e3:>16.1f}")
     print("(linear_cka includes the per-view Gram matrices that debiased_cka reuses; token_cosine the unit "
-          "tokens the cosine stages share; ssim the warp)")
+          "tokens the cosine stages share; ssim the warp; ours computes nn_accuracy and overlap_cka on top, "
+          "and matches only view i's overlap tokens)")
     print(f"\nours, first (cold) call: {sum(cold.values()) * 1e3:.1f} ms (geometry caches empty)")
     top = max(STAGES, key=lambda s: ours[s])
     print(f"ours, largest stage: {top} ({ours[top] / ours_total:.0%} of the analysis); the exact Hungarian "
@@ -359,9 +373,88 @@ def compare(views, tokens, grid, forward, args) -> None:
     m = result.levels["vision_encoder"].metrics
     print("\nsanity (means, ours vs original; overlap and Hungarian accuracy differ by design: geometric "
           "correspondence vs column strips):")
-    for name in ("token_cosine", "hungarian_cosine", "linear_cka", "debiased_cka", "ssim", "overlap_cosine",
+    for name in ("token_cosine", "linear_cka", "debiased_cka", "ssim", "overlap_cosine", "hungarian_cosine",
                  "hungarian_accuracy"):
         print(f"  {name:<18} {m[name].mean:8.4f} {float(np.nanmean(orig_values[name])):8.4f}")
+    acc = m["hungarian_accuracy"]
+    print(f"  hungarian_accuracy chance {acc.chance:.4f}, ceiling {acc.ceiling:.4f}; nn_accuracy "
+          f"{m['nn_accuracy'].mean:.4f}; overlap_cka {m['overlap_cka'].mean:.4f}, overlap_debiased_cka "
+          f"{m['overlap_debiased_cka'].mean:.4f}")
+
+
+# ------------------------------------------------------------- so400m shape
+def so400m(seed: int = 0) -> nn.Module:
+    """SigLIP-so400m/14-384 widths (1152 dims, 27 x 27 tokens of 14 px at 384 px) with 2 layers: the shape of
+    its features, at a fraction of the forward cost (the analysis only sees the features)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    config = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
+                                patch_size=14, image_size=384, vision_use_head=False)
+    return SiglipVisionModel(config).eval()
+
+
+def all_token_hungarian(units, idx_i, idx_j):
+    """The previous matching (the reference): every token of view i against every token of view j, float32
+    cosines, the row- and column-reduced square matrices solved by scipy in the same thread pool."""
+    from panoviz_callback.metrics.matching import _solve_all
+
+    sims = torch.bmm(units[idx_i], units[idx_j].transpose(1, 2))  # (P, N, N) float32
+    return _solve_all(list(sims.cpu().double().numpy()))
+
+
+def overlap_hungarian_stage(units, idx_i, idx_j, idx_a):
+    """Ours: view i's overlap tokens against all of view j's, float64 (what the analysis runs)."""
+    from panoviz_callback import metrics as m
+
+    sims = m._overlap_sims(units, idx_i, idx_j, idx_a)
+    return m._overlap_hungarian_views(sims, idx_a, units.shape[1])
+
+
+def compare_so400m(args) -> None:
+    """Per-stage breakdown of ours at 8 x 729 x 1152, and the Hungarian stage: overlap vs all-token matching."""
+    from panoviz_callback import metrics as m
+    from panoviz_callback.correspondence import patch_correspondence
+
+    views = make_views(synthetic_panorama(512), "e2p", image_size=384)
+    with torch.no_grad():
+        feats = extract_features(so400m(), views.pixels)
+    tokens, grid = feats.tokens, feats.grid_hw
+    print(f"\n=== so400m shape: features {tuple(tokens.shape)}, grid {grid}, {torch.get_num_threads()} thread(s)")
+    run_ours(views, tokens, args.bg_removal)  # warm-up: geometry caches
+    runs = defaultdict(list)
+    for _ in range(args.repeats):
+        stages, result = run_ours(views, tokens, args.bg_removal)
+        for k, v in stages.items():
+            runs[k].append(v)
+    best = {k: min(v) for k, v in runs.items()}
+    total = _min_total(runs)
+    print(f"{'stage':<20}{'ours (ms)':>11}{'share':>8}")
+    for stage in STAGES:
+        print(f"{stage:<20}{best[stage] * 1e3:>11.1f}{best[stage] / total:>8.0%}")
+    print(f"{'TOTAL (fastest run)':<20}{total * 1e3:>11.1f}")
+
+    units = m._unit(tokens)
+    idx_i = torch.tensor([i for i, _ in views.pairs])
+    idx_j = torch.tensor([j for _, j in views.pairs])
+    corr = [patch_correspondence(views, i, j, grid) for i, j in views.pairs]
+    idx_a = [c[0] for c in corr]
+    old, new = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        all_token_hungarian(units, idx_i, idx_j)
+        old.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        overlap_hungarian_stage(units, idx_i, idx_j, idx_a)
+        new.append(time.perf_counter() - start)
+    k = sum(len(a) for a in idx_a) / len(idx_a)
+    print(f"Hungarian stage, min of {args.repeats}: all-token {tokens.shape[1]}x{tokens.shape[1]} float32 "
+          f"{min(old) * 1e3:.1f} ms; overlap {k:.0f}x{tokens.shape[1]} float64 {min(new) * 1e3:.1f} ms; "
+          f"speed-up {min(old) / min(new):.1f}x (target >= 3x)")
+    met = result.levels["vision_encoder"].metrics
+    acc = met["hungarian_accuracy"]
+    print(f"hungarian_accuracy {acc.mean:.4f} (chance {acc.chance:.4f}, ceiling {acc.ceiling:.4f}); nn_accuracy "
+          f"{met['nn_accuracy'].mean:.4f}")
 
 
 def main() -> None:
@@ -369,6 +462,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--bg_removal", default="outlier_removal",
                         choices=("threshold", "remove_first_pc", "outlier_removal", "none"))
+    parser.add_argument("--skip_vitb", action="store_true", help="only the so400m-shape section")
     parser.add_argument("--threads", type=int, nargs="+", default=[1],
                         help="threads for torch and BLAS in both pipelines, one comparison per value "
                              "(0: the libraries' defaults)")
@@ -395,7 +489,9 @@ def main() -> None:
             forward = min(forwards)
             print(f"\n=== {torch.get_num_threads()} thread(s): encoder forward (ViT-B/16 SigLIP, random weights, "
                   f"8 x 224 px, no_grad): {forward:.3f} s -> features {tuple(feats.tokens.shape)}")
-            compare(views, feats.tokens, feats.grid_hw, forward, args)
+            if not args.skip_vitb:
+                compare(views, feats.tokens, feats.grid_hw, forward, args)
+            compare_so400m(args)
 
 
 if __name__ == "__main__":
