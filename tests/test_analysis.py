@@ -340,3 +340,21 @@ def test_exception_settings(kwargs, error, match):
 def test_exception_views(encoder):
     with pytest.raises(TypeError, match="Expected `views` to be a ViewSet"):
         analyze(torch.rand(2, 3, 64, 64), encoder)
+
+
+def test_letterbox_tokens_grey_and_out_of_the_pca_and_matching_references(pano, encoder):
+    """anyres_e2p: the global view's letterbox tokens are drawn grey, never foreground, and do not count in
+    the masked share; the matching accuracies carry their chance level and ceiling into the JSON."""
+    views = make_views(pano, "anyres_e2p", image_size=64)
+    result = analyze(views, encoder, metrics=["hungarian_accuracy", "nn_accuracy", "overlap_cka"],
+                     bg_removal="outlier_removal")
+    enc = result.levels["vision_encoder"]
+    assert enc.valid is not None and not enc.valid[0].all() and enc.valid[1:].all()
+    rgb = enc.pca_images.permute(0, 2, 3, 1).reshape(len(views), 16, 3)
+    assert (rgb[~enc.valid] == 0.5).all() and not enc.fg_mask[~enc.valid].any()
+    assert all(0.0 <= v < 0.5 for v in enc.masked_share)
+    acc = enc.metrics["hungarian_accuracy"]
+    assert 0 < acc.chance < 0.8 and 0 < acc.ceiling <= 1.0 and enc.metrics["nn_accuracy"].ceiling is None
+    body = result.to_dict()["levels"]["vision_encoder"]
+    assert body["metrics"]["hungarian_accuracy"]["chance"] == pytest.approx(acc.chance)
+    assert len(body["masked_share"]) == len(views)

@@ -33,14 +33,20 @@ def _data():
         "levels": {
             "vision_encoder": {
                 "token_grid": [14, 14],
+                "masked_share": [0.0, 0.125, 0.5],
+                "bg_note": None,
                 "metrics": {
                     "token_cosine": {"per_pair": [0.87321, 0.5], "mean": 0.686605, "std": 0.186605},
                     "overlap_cosine": {"per_pair": [0.9, None], "mean": 0.9, "std": 0.0},
+                    "hungarian_accuracy": {"per_pair": [0.75, 0.5], "mean": 0.625, "std": 0.125, "chance": 0.0433,
+                                           "ceiling": 1.0},
                     "lpips": {"skipped": "LPIPS backbone weights (alex) are not available offline"},
                 },
             },
             "resampled": {
                 "token_grid": None,
+                "masked_share": [0.0, 0.0, 0.0],
+                "bg_note": "bg_removal='threshold': the first component is not bimodal; kept every token.",
                 "metrics": {"overlap_cosine": {"skipped": "not applicable: query tokens have no spatial position"}},
             },
         },
@@ -58,6 +64,9 @@ def test_smoke_text_layout():
     assert "vision_encoder (token grid 14x14)" in text
     assert "resampled (query tokens, no spatial layout)" in text
     assert "View 0: global view" in text and "View 2: yaw 45° pitch 0° fov 90° (tile)" in text
+    assert "reference (mean over pairs): chance 0.0433, ceiling 1.0000" in text
+    assert "PCA tokens left out (background/outliers) per view: 0: 0.0% 1: 12.5% 2: 50.0%" in text
+    assert "PCA note: bg_removal='threshold': the first component is not bimodal; kept every token." in text
     # a block per level, a block per metric, in the given order
     assert text.index("vision_encoder (") < text.index("token_cosine") < text.index("overlap_cosine") < text.index(
         "resampled (")

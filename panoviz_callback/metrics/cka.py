@@ -241,25 +241,32 @@ def _overlap_cka_views(feats: Tensor, idx_i: Tensor, idx_j: Tensor, idx_a: Seque
                        debiased: bool = True) -> tuple[Tensor | None, Tensor | None]:
     """:func:`overlap_cka` and :func:`overlap_debiased_cka` for ``P`` pairs of ``(V, N, D)`` tokens.
 
-    One centred Gram matrix per side of each pair (shared by both CKAs); linear CKA alone takes the
-    feature form when ``K >= D``. Returns ``(linear (P,) | None, debiased (P,) | None)``, NaN where
-    the overlap is too small.
+    Pairs with the same overlap size ``K`` are batched: their paired rows are stacked as ``(2G, K, D)``
+    and one call of the Gram-matrix helpers serves both CKAs; linear CKA alone takes the feature form
+    when ``K >= D``. Returns ``(linear (P,) | None, debiased (P,) | None)``, NaN where the overlap is
+    too small (``K < 2``, debiased ``K <= 3``).
     """
-    lin, deb = [], []
-    nan = feats.new_full((), float("nan"))
-    for p, (i, j) in enumerate(zip(idx_i.tolist(), idx_j.tolist())):
-        ia = idx_a[p].to(feats.device, torch.long)
-        ib = idx_b[p].to(feats.device, torch.long)
-        pair = torch.stack([feats[i].index_select(0, ia), feats[j].index_select(0, ib)])  # (2, K, D)
-        k = pair.shape[1]
-        zero, one = torch.zeros(1, dtype=torch.long), torch.ones(1, dtype=torch.long)
-        if not debiased and k >= feats.shape[2]:
-            lin.append(_linear_cka_features(pair, zero, one)[0] if k >= 2 else nan)
+    n_pairs = len(idx_a)
+    lin = feats.new_full((n_pairs,), float("nan"), dtype=torch.float32)
+    deb = lin.clone()
+    sizes: dict[int, list[int]] = {}
+    for p in range(n_pairs):
+        sizes.setdefault(len(idx_a[p]), []).append(p)
+    for k, group in sizes.items():
+        if k < 2:
             continue
-        grams = _cka_grams(pair) if k >= 2 else None  # (2, K, K)
+        ia = torch.stack([idx_a[p].to(feats.device, torch.long) for p in group])  # (G, K)
+        ib = torch.stack([idx_b[p].to(feats.device, torch.long) for p in group])
+        vi, vj = idx_i[group].to(feats.device), idx_j[group].to(feats.device)
+        rows = torch.stack([feats[vi[:, None], ia], feats[vj[:, None], ib]], 1).flatten(0, 1)  # (2G, K, D)
+        first = torch.arange(0, 2 * len(group), 2, device=feats.device)
+        where = torch.tensor(group, device=feats.device)
+        if not debiased and k >= feats.shape[2]:
+            lin[where] = _linear_cka_features(rows, first, first + 1)
+            continue
+        grams = _cka_grams(rows)  # (2G, K, K)
         if linear:
-            lin.append(_linear_cka_views(grams, zero, one)[0] if k >= 2 else nan)
-        if debiased:
-            deb.append(_debiased_cka_views(grams, zero, one)[0] if k > 3 else nan)
-    stack = (lambda v: torch.stack(v).float() if v else feats.new_zeros(0))
-    return (stack(lin) if linear else None), (stack(deb) if debiased else None)
+            lin[where] = _linear_cka_views(grams, first, first + 1)
+        if debiased and k > 3:
+            deb[where] = _debiased_cka_views(grams, first, first + 1)
+    return (lin if linear else None), (deb if debiased else None)
