@@ -74,7 +74,7 @@ class PCAState:
 
     Attributes:
         mean: ``(D,)`` mean of the tokens the colour basis was fitted on.
-        basis: ``(D, K)`` orthonormal colour components, sign-aligned with the previous fit.
+        basis: ``(D, K)`` orthonormal colour components, matched to the previous fit (see Convention).
         lo: ``(K,)`` colour range, 2nd percentile per component (last call's data).
         hi: ``(K,)`` colour range, 98th percentile per component.
         fg_basis: ``(D,)`` first principal component of all tokens: the foreground

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from panoviz_callback._checks import _check_choice, _check_range, _check_shape
-from panoviz_callback._imports import _LPIPS_AVAILABLE, _TORCHVISION_AVAILABLE, require
+from panoviz_callback._imports import _LPIPS_AVAILABLE, _TORCHVISION_AVAILABLE
 from panoviz_callback.metrics._common import _check_mask, _check_same, _full_precision
 
 __all__ = ["ssim", "LPIPSMetric"]
