@@ -117,15 +117,15 @@ def _background_low(xc: Tensor, direction: Tensor, score: Tensor) -> Tensor:
     """Orient ``direction (D,)`` so that the more homogeneous side of the robust mid split is low.
 
     The split is at the middle of the 2nd..98th percentiles of ``score (M,)``; a side's spread is the
-    median squared distance of its tokens to their coordinate-wise median.
+    median squared distance of its tokens to their centroid.
     """
     lo, hi = _quantiles(score, _SCALE)
     upper = score >= (lo + hi) / 2
     if not bool(upper.any()) or bool(upper.all()):
         return direction
-    # robust spread: the median squared distance to the side's coordinate-wise median (a few extreme
-    # tokens on one side cannot make it look less homogeneous)
-    spread_upper, spread_lower = ((s - s.median(0).values).square().sum(1).median() for s in (xc[upper], xc[~upper]))
+    # robust spread: the median over the side's tokens of their squared distance to its centroid (a few
+    # extreme tokens move the centroid by their offset / side size, and do not count in the median)
+    spread_upper, spread_lower = ((s - s.mean(0)).square().sum(1).median() for s in (xc[upper], xc[~upper]))
     return torch.where(spread_upper < spread_lower, -direction, direction)
 
 
