@@ -25,7 +25,8 @@ from panoviz_callback import metrics as _m
 from panoviz_callback._checks import _check_choice, _check_range
 from panoviz_callback.background import padding_tokens
 from panoviz_callback.correspondence import patch_correspondence, warp_pairs
-from panoviz_callback.features import TokenFeatures, apply_resampler, extract_features
+from panoviz_callback.features import TokenFeatures, apply_resampler, extract_layers
+from panoviz_callback.inside import InsideOptions, InsideProbe, InsideResult
 from panoviz_callback.pca import PCAState, pca_rgb
 from panoviz_callback.views import ViewSet
 
@@ -148,10 +149,12 @@ class AnalysisResult:
     levels: dict[str, LevelResult]
     pca_states: dict[str, PCAState]
     timings: dict[str, float] = field(default_factory=dict)
+    inside: InsideResult | None = None
 
     def scalars(self) -> dict[str, float]:
-        """``{"LEVEL/METRIC": mean}`` for every metric that was computed (skipped ones left out), and
-        ``{"LEVEL/masked_share": mean over views}``, the share of tokens the PCA left out."""
+        """``{"LEVEL/METRIC": mean}`` for every metric that was computed (skipped ones left out),
+        ``{"LEVEL/masked_share": mean over views}``, the share of tokens the PCA left out, plus the
+        :class:`~panoviz_callback.inside.InsideResult` scalars when ``inside`` was on."""
         out = {
             f"{level}/{name}": float(m.mean)
             for level, res in self.levels.items()
@@ -161,6 +164,8 @@ class AnalysisResult:
         for level, res in self.levels.items():
             share = res.masked_share
             out[f"{level}/masked_share"] = float(sum(share) / len(share)) if share else 0.0
+        if self.inside is not None:
+            out.update(self.inside.scalars())
         return out
 
     def to_dict(self, image: Any = None, checkpoint: Any = None) -> dict[str, Any]:
@@ -183,7 +188,7 @@ class AnalysisResult:
             }
             for name, res in self.levels.items()
         }
-        return {
+        out = {
             "image": None if image is None else str(image),
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "crop_strategy": self.views.strategy,
@@ -191,6 +196,9 @@ class AnalysisResult:
             "pairs": [[int(i), int(j)] for i, j in self.views.pairs],
             "levels": levels,
         }
+        if self.inside is not None:
+            out["inside"] = self.inside.to_dict()
+        return out
 
 
 class _Timer:
@@ -262,6 +270,9 @@ class Analyzer:
             ``(mean, std)`` or None (the encoder gets ``[0, 1]`` pixels).
         lpips_metric: an :class:`~panoviz_callback.metrics.LPIPSMetric` to use (None: one is
             built on first use, only if ``"lpips"`` is requested).
+        inside: look inside (opt-in, see :mod:`panoviz_callback.inside`): None (off), True
+            (attention maps, ``layers="all"`` sweep, agreement panoramas), a dict of
+            :class:`~panoviz_callback.inside.InsideOptions` fields or an ``InsideOptions``.
 
     Raises:
         ValueError: an option is out of range or names an unknown mode or metric.
@@ -289,6 +300,7 @@ class Analyzer:
         freeze_pca: bool = False,
         normalize: Any = "auto",
         lpips_metric: Any = None,
+        inside: InsideOptions | dict[str, Any] | bool | None = None,
     ) -> None:
         if not isinstance(layer, int) or isinstance(layer, bool):
             raise TypeError(f"Expected `layer` to be an int, got {type(layer).__name__}.")
@@ -320,6 +332,7 @@ class Analyzer:
         self.normalize = normalize
         self.pca_states: dict[str, PCAState] = {}
         self._lpips = lpips_metric
+        self.inside = InsideOptions.from_value(inside)
 
     # ------------------------------------------------------------------ state
     def settings(self) -> dict[str, Any]:
@@ -331,6 +344,7 @@ class Analyzer:
             "layer": self.layer, "keep_cls_token": self.keep_cls_token, "n_components": self.n_components,
             "bg_removal": self.bg_removal, "bg_threshold": self.bg_threshold, "metrics": list(self.metrics),
             "stable_colors": self.stable_colors, "freeze_pca": self.freeze_pca, "normalize": normalize,
+            **({"inside": self.inside.to_dict()} if self.inside is not None else {}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -380,43 +394,38 @@ class Analyzer:
         start = time.perf_counter()
         views = views.to(device)
 
+        probe = InsideProbe(self.inside) if self.inside is not None else None
+        sweep = probe.encoder_layers(encoder) if probe is not None else []
+        # one encoder forward: the analysed layer, the resampler's input (last layer) and the sweep's layers
+        wanted = [self.layer, *([-1] if resampler is not None else []), *sweep]
+        # a resampler declaring ``input_tokens = "all"`` reads the prefix tokens too (as in its training)
+        wants_all = getattr(getattr(resampler, "_orig_mod", resampler), "input_tokens", "patch") == "all"
         with torch.no_grad():
-            with timer("encoder"):
-                feats = extract_features(encoder, views.pixels, layer=self.layer,
-                                         keep_cls_token=self.keep_cls_token, normalize=self.normalize)
-            level_feats = {"vision_encoder": feats}
+            with timer("encoder"), probe.encoder_forward(encoder) if probe else contextlib.nullcontext():
+                full = extract_layers(encoder, views.pixels, wanted, keep_cls_token=self.keep_cls_token or wants_all,
+                                      normalize=self.normalize)
+            hidden = {k: _patch_only(f) for k, f in full.items()} if wants_all and not self.keep_cls_token else full
+            level_feats = {"vision_encoder": hidden[self.layer]}
+            resampler_input = None
             if resampler is not None:
-                with timer("resampler"):
-                    level_feats["resampled"] = apply_resampler(
-                        resampler, self._resampler_input(encoder, views, feats, resampler))
+                resampler_input = full[-1] if wants_all else _patch_only(full[-1])
+                with timer("resampler"), probe.resampler_forward(resampler) if probe else contextlib.nullcontext():
+                    level_feats["resampled"] = apply_resampler(resampler, resampler_input)
 
             levels: dict[str, LevelResult] = {}
             pca_states: dict[str, PCAState] = {}
+            inside = None
             with _float32_numerics(device):
                 for name, level in level_feats.items():
                     levels[name], pca_states[name] = self._analyse_level(name, _as_float32(level), views, timer)
+                if probe is not None:
+                    with timer("inside"):
+                        inside = probe.finish(views, hidden, resampler_input,
+                                              {n: _as_float32(f) for n, f in level_feats.items()}, sweep)
         if self.stable_colors:
             self.pca_states.update(pca_states)
         timings["total"] = time.perf_counter() - start
-        return AnalysisResult(views=views, levels=levels, pca_states=pca_states, timings=timings)
-
-    def _resampler_input(self, encoder: Any, views: ViewSet, feats: TokenFeatures,
-                         resampler: Any = None) -> TokenFeatures:
-        """The encoder's last-layer patch tokens (prefix dropped), as the resampler saw them in training.
-
-        A resampler with ``input_tokens = "all"`` gets the prefix tokens too.
-        """
-        if getattr(resampler, "input_tokens", "patch") == "all":
-            if self.layer == -1 and (self.keep_cls_token or feats.num_prefix_tokens == 0):
-                return feats
-            return extract_features(encoder, views.pixels, layer=-1, keep_cls_token=True, normalize=self.normalize)
-        if self.layer == -1:
-            if not self.keep_cls_token or feats.num_prefix_tokens == 0:
-                return feats
-            p = feats.num_prefix_tokens
-            return TokenFeatures(tokens=feats.tokens[:, p:], grid_hw=feats.grid_hw, num_prefix_tokens=p,
-                                 layout=feats.layout)
-        return extract_features(encoder, views.pixels, layer=-1, keep_cls_token=False, normalize=self.normalize)
+        return AnalysisResult(views=views, levels=levels, pca_states=pca_states, timings=timings, inside=inside)
 
     def _analyse_level(
         self, name: str, feats: TokenFeatures, views: ViewSet, timer: _Timer
@@ -636,6 +645,14 @@ def _with_reference(result: MetricResult, chance: list[float] | None,
             picked = [values[p] for p in defined if math.isfinite(values[p])]
             setattr(result, attr, sum(picked) / len(picked) if picked else None)
     return result
+
+
+def _patch_only(feats: TokenFeatures) -> TokenFeatures:
+    """The patch tokens (prefix dropped), as the resampler saw them in training."""
+    p = feats.num_prefix_tokens
+    if p == 0 or feats.grid_hw is None or feats.tokens.shape[1] != p + feats.grid_hw[0] * feats.grid_hw[1]:
+        return feats
+    return TokenFeatures(tokens=feats.tokens[:, p:], grid_hw=feats.grid_hw, num_prefix_tokens=p, layout=feats.layout)
 
 
 def _as_float32(feats: TokenFeatures) -> TokenFeatures:

@@ -40,7 +40,10 @@ from torch import Tensor, nn
 
 from panoviz_callback._checks import _check_choice, _check_grid, _check_shape
 
-__all__ = ["TokenFeatures", "extract_features", "apply_resampler", "load_vision_encoder", "encoder_normalization"]
+__all__ = [
+    "TokenFeatures", "extract_features", "extract_layers", "apply_resampler", "load_vision_encoder",
+    "encoder_normalization",
+]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -228,11 +231,56 @@ def extract_features(
         >>> tuple(feats.tokens.shape), feats.grid_hw, feats.num_prefix_tokens
         ((2, 24, 3), (4, 6), 0)
     """
+    return extract_layers(encoder, pixels, [layer], keep_cls_token=keep_cls_token, normalize=normalize,
+                          grid_hw=grid_hw)[layer]
+
+
+def extract_layers(
+    encoder: Callable[..., Any],
+    pixels: Tensor,
+    layers: Sequence[int],
+    *,
+    keep_cls_token: bool = False,
+    normalize: Literal["auto"] | tuple[Any, Any] | None = "auto",
+    grid_hw: tuple[int, int] | None = None,
+) -> dict[int, TokenFeatures]:
+    """Several hidden states of ``encoder`` from ONE forward: ``{layer: TokenFeatures}``.
+
+    ``extract_layers(enc, x, [k])[k]`` is ``extract_features(enc, x, layer=k)``; asking for more
+    layers costs no further forward (the encoder returns all ``hidden_states`` at once).
+
+    Args:
+        encoder: as for :func:`extract_features`.
+        pixels: views ``(V, 3, h, w)`` in ``[0, 1]``.
+        layers: hidden-state indices as :func:`extract_features`'s ``layer`` (``-1``: the
+            ``last_hidden_state``); duplicates are returned once.
+        keep_cls_token: keep the prefix tokens.
+        normalize: as for :func:`extract_features`.
+        grid_hw: as for :func:`extract_features`.
+
+    Returns:
+        ``{layer: TokenFeatures}`` with ``tokens`` ``(V, N, D)`` float32, one entry per distinct layer.
+
+    Raises:
+        TypeError: ``pixels`` is not a tensor, ``encoder`` not callable, a layer not an int.
+        ValueError: as :func:`extract_features`, or ``layers`` empty.
+
+    Example:
+        >>> from transformers import Dinov2Config, Dinov2Model
+        >>> enc = Dinov2Model(Dinov2Config(hidden_size=8, num_hidden_layers=2, num_attention_heads=1,
+        ...     intermediate_size=8, patch_size=4, image_size=8)).eval()
+        >>> sorted(extract_layers(enc, torch.rand(2, 3, 8, 8), [0, 2, -1]))
+        [-1, 0, 2]
+    """
     _check_shape(pixels, "V 3 h w", "pixels")
     if not callable(encoder):
         raise TypeError(f"Expected `encoder` to be a module or callable, got {type(encoder).__name__}.")
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise TypeError(f"Expected `layer` to be an int, got {type(layer).__name__}.")
+    layers = list(dict.fromkeys(layers))
+    if not layers:
+        raise ValueError("Expected at least one layer in `layers`, got none.")
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"Expected `layer` to be an int, got {type(layer).__name__}.")
     if grid_hw is not None:
         grid_hw = _check_grid(grid_hw)
     enc = _resolve(encoder)
@@ -248,22 +296,30 @@ def extract_features(
         std = torch.tensor(stats[1], device=pixels.device).view(1, 3, 1, 1)
         x = (pixels.float() - mean) / std  # (V, 3, h, w)
 
+    hidden_layers = [layer for layer in layers if layer != -1]
+    probe = hidden_layers[0] if hidden_layers else -1  # any layer != -1 asks for hidden_states
     if enc.family is not None:
-        _check_layer(layer, int(enc.config.num_hidden_layers) + 1, enc.name)
-        out = _forward_family(enc, x, layer)
-        hidden = _main_output(out, enc.name) if layer == -1 else out.hidden_states[layer]
+        for layer in hidden_layers:
+            _check_layer(layer, int(enc.config.num_hidden_layers) + 1, enc.name)
+        out = _forward_family(enc, x, probe)
+        states = {layer: _main_output(out, enc.name) if layer == -1 else out.hidden_states[layer] for layer in layers}
     else:
-        out = _forward_generic(enc, x, layer)
-        hidden = _main_output(out, enc.name) if layer == -1 else _generic_hidden(out, layer, enc.name)
-    _check_shape(hidden, "V N D", f"{enc.name} output")
-    if hidden.shape[0] != pixels.shape[0]:
-        raise ValueError(f"Expected {enc.name} to return tokens for {pixels.shape[0]} views, got {hidden.shape[0]}.")
-    tokens = hidden.float()  # (V, N, D)
+        out = _forward_generic(enc, x, probe)
+        states = {layer: _main_output(out, enc.name) if layer == -1 else _generic_hidden(out, layer, enc.name)
+                  for layer in layers}
     prefix = _num_prefix(enc)
-    grid = _token_grid(enc, tokens.shape[1], prefix, pixels.shape[-2:], grid_hw)
-    if not keep_cls_token:
-        tokens = tokens[:, prefix:]  # (V, gh*gw, D)
-    return TokenFeatures(tokens.contiguous(), grid, prefix, "grid")
+    result = {}
+    for layer, hidden in states.items():
+        _check_shape(hidden, "V N D", f"{enc.name} output")
+        if hidden.shape[0] != pixels.shape[0]:
+            raise ValueError(
+                f"Expected {enc.name} to return tokens for {pixels.shape[0]} views, got {hidden.shape[0]}.")
+        tokens = hidden.float()  # (V, N, D)
+        grid = _token_grid(enc, tokens.shape[1], prefix, pixels.shape[-2:], grid_hw)
+        if not keep_cls_token:
+            tokens = tokens[:, prefix:]  # (V, gh*gw, D)
+        result[layer] = TokenFeatures(tokens.contiguous(), grid, prefix, "grid")
+    return result
 
 
 def _check_unit_range(pixels: Tensor) -> None:
