@@ -363,13 +363,16 @@ class InsideProbe:
                levels: Mapping[str, TokenFeatures]) -> LayerSweep:
         sweep = LayerSweep(skipped={k.split("/", 1)[1]: v for k, v in self.skipped.items()
                                     if k.startswith("layer_sweep/")})
-        rows = [sweep_metrics(*_grid_tokens(hidden[k]), views) if _grid_tokens(hidden[k]) else {} for k in layers]
+        rows = []
+        for k in layers:
+            grid = _grid_tokens(hidden[k])
+            rows.append({} if grid is None else sweep_metrics(grid[0], views, grid[1]))
         sweep.levels["vision_encoder"] = _table([str(k) for k in layers], rows)
         if self._resampler_layers is not None and self._resampler_layers.outputs and "resampled" in levels:
             final = levels["resampled"]
             labels, rows = [], []
             n_in = next(iter(hidden.values())).grid_hw
-            for label, _ in self._resampler_layers.modules:
+            for label, _, _ in self._resampler_layers.modules:
                 out = self._resampler_layers.outputs.get(label)
                 if out is None or out.dim() != 3 or out.shape[0] != len(views):
                     continue

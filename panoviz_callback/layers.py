@@ -117,24 +117,25 @@ def resolve_layers(spec: str | Sequence[int], n_states: int | None) -> list[int]
     return sorted(set(out))
 
 
-def resampler_layer_modules(resampler: Any) -> list[tuple[str, nn.Module]]:
+def resampler_layer_modules(resampler: Any) -> list[tuple[str, nn.Module, bool]]:
     """The resampler's layers whose outputs are token sets ``(V, M, D')``, in order (``[]``: unknown).
 
-    This package's query resamplers: ``layers``; the MLP: its Linear layers; a transformers
-    BERT Q-Former: ``encoder.layer``; otherwise the first ``ModuleList`` named ``layers``,
-    ``blocks`` or ``layer``.
+    Returns ``[(label, module, residual)]``: the layer's output is the module's output, plus its
+    first input when ``residual``. This package's query resamplers: the last feed-forward of each
+    layer (``q + ff(q)``); the MLP: its Linear layers; a transformers BERT Q-Former:
+    ``encoder.layer``; otherwise the first ``ModuleList`` named ``layers``, ``blocks`` or ``layer``.
     """
     module = getattr(resampler, "_orig_mod", resampler)
     if not isinstance(module, nn.Module):
         return []
     ours = sys.modules.get("panoviz_callback.models.resamplers")  # not imported: cannot be ours (no lightning import)
     if ours is not None and isinstance(module, ours._QueryResampler):
-        return [(str(i), layer) for i, layer in enumerate(module.layers)]
+        return [(str(i), list(layer.values())[-1], True) for i, layer in enumerate(module.layers)]
     if ours is not None and isinstance(module, ours.MLPResampler):
-        return [(str(i), m) for i, m in enumerate(module.mlp) if isinstance(m, nn.Linear)]
+        return [(str(i), m, False) for i, m in enumerate(module.mlp) if isinstance(m, nn.Linear)]
     for name, child in module.named_modules():
         if isinstance(child, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks", "layer") and len(child):
-            return [(str(i), m) for i, m in enumerate(child)]
+            return [(str(i), m, False) for i, m in enumerate(child)]
     return []
 
 
@@ -142,18 +143,18 @@ class OutputCapture:
     """Record the first tensor output of modules during a forward (context manager, hooks removed after).
 
     Args:
-        modules: ``[(label, module)]``.
+        modules: ``[(label, module, residual)]`` (see :func:`resampler_layer_modules`).
     """
 
-    def __init__(self, modules: list[tuple[str, nn.Module]]) -> None:
+    def __init__(self, modules: list[tuple[str, nn.Module, bool]]) -> None:
         self.modules = list(modules)
         self.outputs: dict[str, Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> OutputCapture:
         self.outputs = {}
-        for label, module in self.modules:
-            self._handles.append(module.register_forward_hook(self._recorder(label)))
+        for label, module, residual in self.modules:
+            self._handles.append(module.register_forward_hook(self._recorder(label, residual)))
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -161,10 +162,12 @@ class OutputCapture:
             handle.remove()
         self._handles = []
 
-    def _recorder(self, label: str) -> Callable[..., None]:
+    def _recorder(self, label: str, residual: bool) -> Callable[..., None]:
         def record(module: nn.Module, args: Any, output: Any) -> None:
             tensor = output[0] if isinstance(output, (tuple, list)) and output else output
             if isinstance(tensor, Tensor):
+                if residual and args and isinstance(args[0], Tensor) and args[0].shape == tensor.shape:
+                    tensor = args[0] + tensor
                 self.outputs[label] = tensor.detach()
         return record
 
