@@ -9,6 +9,7 @@ Usage::
 
     python examples/train_vicreg.py                          # synthetic panoramas, TensorBoard
     python examples/train_vicreg.py --data DIR --wandb offline
+    python examples/train_vicreg.py --resampler qformer --inside   # + attention maps, layer sweep, agreement
     tensorboard --logdir runs/vicreg --samples_per_plugin images=100
 
 Everything a run writes (TensorBoard logs, the W&B run folder, checkpoints) lands under
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb_project", default="panoviz")
     p.add_argument("--no_callback", action="store_true", help="train without PanoVizCallback")
     p.add_argument("--every_n_epochs", type=int, default=1, help="how often the callback fires")
+    p.add_argument("--inside", action="store_true", help="the callback also logs attention maps (with "
+                   "--resampler qformer/perceiver: per query), the layer sweep and the agreement panorama")
     p.add_argument("--vision_name", default="tiny", help="encoder: 'tiny', a local folder or a cached hub name")
     p.add_argument("--patch_size", type=int, default=8, help="patch size of the 'tiny' encoder")
     p.add_argument("--image_size", type=int, default=112, help="view size S")
@@ -96,7 +99,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
         loggers.append(handles["wandb"])
     callbacks = [handles["checkpoint"]]
     if not args.no_callback:
-        handles["panoviz"] = PanoVizCallback(probe=args.probe, every_n_epochs=args.every_n_epochs, **crop)
+        handles["panoviz"] = PanoVizCallback(probe=args.probe, every_n_epochs=args.every_n_epochs,
+                                             inside=True if args.inside else None, **crop)
         callbacks.insert(0, handles["panoviz"])
     trainer = Trainer(default_root_dir=root, max_epochs=args.max_epochs, accelerator=args.accelerator,
                       devices=_devices(args.devices), strategy=args.strategy, precision=args.precision,

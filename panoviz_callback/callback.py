@@ -112,6 +112,11 @@ class PanoVizCallback(Callback):
             ``step{global_step:08d}`` (None: off).
         stable_colors: align each PCA fit with the previous one so colours do not jump.
         strict: raise errors of a firing instead of warning (for tests and debugging).
+        inside: look inside the model (opt-in; off costs nothing): ``True`` for query and encoder
+            attention maps, the ``layers="all"`` sweep and the agreement panoramas, or a dict of
+            :class:`~panoviz_callback.inside.InsideOptions` fields (``{"attention": True}``,
+            ``{"layers": [0, 6, 12]}``, ...). Adds the scalars and images of
+            :mod:`panoviz_callback.inside` / :mod:`panoviz_callback.inside_render`.
 
     Raises:
         ValueError: an argument is out of range or not one of its choices.
@@ -149,6 +154,7 @@ class PanoVizCallback(Callback):
         save_dir: str | os.PathLike | None = None,
         stable_colors: bool = True,
         strict: bool = False,
+        inside: bool | dict[str, Any] | Any = None,
     ) -> None:
         _check_probe(probe)
         _check_choice(crop_strategy, STRATEGIES, "crop_strategy")
@@ -167,7 +173,7 @@ class PanoVizCallback(Callback):
             raise ValueError(f"Argument `encoder` must be 'auto', an attribute path or a callable, got {encoder!r}.")
         self._analyzer = Analyzer(layer=layer, keep_cls_token=keep_cls_token, n_components=n_components,
                                   bg_removal=bg_removal, bg_threshold=bg_threshold, metrics=metrics,
-                                  stable_colors=stable_colors, normalize=normalize)
+                                  stable_colors=stable_colors, normalize=normalize, inside=inside)
         self.probe = probe
         self.crop_strategy = crop_strategy
         self.image_size = image_size
@@ -358,6 +364,10 @@ class PanoVizCallback(Callback):
         self.last_result = result
         self.history.append({"step": int(step), "epoch": int(epoch), "scalars": scalars})
         images = sinks.render_images(result, with_views=not self._views_logged) if self.log_images else {}
+        if self.log_images and result.inside is not None:
+            from panoviz_callback.inside_render import inside_images
+
+            images.update(inside_images(result))
         sinks.log_firing(trainer.loggers, scalars, images, step)
         self._views_logged = self._views_logged or bool(images)
         if self.save_dir is not None:
@@ -368,6 +378,10 @@ class PanoVizCallback(Callback):
         from panoviz_callback.report import write_reports
 
         write_figures(result, self.save_dir, name)
+        if result.inside is not None:
+            from panoviz_callback.inside_render import write_inside_figures
+
+            write_inside_figures(result, self.save_dir, name)
         probe_path = self._probe_spec.get("path") if self._probe_spec else None
         write_reports(result, self.save_dir, name, image=probe_path)
 

@@ -107,6 +107,18 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
+def _layers(text: str) -> str | list[int]:
+    if text == "all":
+        return text
+    try:
+        layers = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        layers = []
+    if not layers:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices, got {text!r}")
+    return layers
+
+
 def _main_parser() -> _Parser:
     p = _Parser(
         prog="panoviz", allow_abbrev=False,
@@ -155,6 +167,12 @@ def _main_parser() -> _Parser:
     p.add_argument(*_flag("bg_threshold"), type=_number, metavar="T", help="threshold in [0, 1] on the robustly "
                    "scaled first component (bg_removal threshold; default 0.5; used only when it is bimodal)")
     p.add_argument(*_flag("no_similarity"), action="store_true", help="skip the metrics (figures only)")
+    p.add_argument(*_flag("attention"), action="store_true", help="query attention maps of a QFormer/Perceiver "
+                   "resampler and the encoder's CLS/probe attention, on the views and the sphere")
+    p.add_argument(*_flag("layers"), type=_layers, metavar="all|I,J,..", help="layer sweep: overlap metrics of "
+                   "these encoder hidden states (and every resampler layer), from one forward")
+    p.add_argument(*_flag("agreement"), action="store_true", help="agreement panorama: per-token overlap cosine "
+                   "of adjacent views painted on the sphere")
     p.add_argument(*_flag("device"), choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: CUDA when available, else the CPU")
     p.add_argument(*_flag("output_dir"), metavar="DIR", help="default: results/trained_viz/{run}-{checkpoint stem}, "
@@ -237,7 +255,9 @@ def _run(args: argparse.Namespace) -> int:
     options = {"crop_strategy": args.crop_strategy, "fov": args.fov, "overlap": args.overlap,
                "image_size": args.image_size, "layer": args.layer, "n_components": args.n_components,
                "keep_cls_token": True if args.no_cls_token else None, "bg_removal": args.bg_removal,
-               "bg_threshold": args.bg_threshold, "no_similarity": args.no_similarity}
+               "bg_threshold": args.bg_threshold, "no_similarity": args.no_similarity,
+               "inside": {k: v for k, v in (("attention", args.attention), ("layers", args.layers),
+                                            ("agreement", args.agreement)) if v}}
     plan = rn.plan_run(options, spec.callback, spec.geometry)
     if sources is None:
         sources = [rn.callback_probe(spec.callback)]

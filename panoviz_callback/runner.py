@@ -49,7 +49,7 @@ MAX_WIDTH = 2048
 #: Smallest panorama accepted, ``(W, H)`` in pixels.
 MIN_SIZE = (64, 32)
 _PCA_SETTINGS = ("layer", "keep_cls_token", "n_components", "bg_removal", "bg_threshold", "normalize")
-_ANALYZER_SETTINGS = (*_PCA_SETTINGS, "metrics")
+_ANALYZER_SETTINGS = (*_PCA_SETTINGS, "metrics", "inside")
 _STAGE_PREFIX = ".panoviz-"
 Log = Callable[[str], None]
 
@@ -242,7 +242,8 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
 
     Args:
         options: ``crop_strategy``, ``fov``, ``overlap``, ``image_size``, ``layer``, ``n_components``,
-            ``keep_cls_token``, ``bg_removal``, ``bg_threshold``, ``no_similarity``.
+            ``keep_cls_token``, ``bg_removal``, ``bg_threshold``, ``no_similarity``, ``inside`` (a dict of
+            :class:`~panoviz_callback.inside.InsideOptions` fields, merged over the callback's).
         callback: the :class:`~panoviz_callback.PanoVizCallback` state (None: none).
         geometry: ``crop_strategy`` / ``image_size`` / ``crop_options`` from the checkpoint or config.
 
@@ -283,6 +284,8 @@ def plan_run(options: Mapping[str, Any], callback: Mapping[str, Any] | None,
             analysis[key] = options[key]
     if options.get("no_similarity"):
         analysis["metrics"] = ()
+    if options.get("inside"):
+        analysis["inside"] = {**dict(analysis.get("inside") or {}), **options["inside"]}
     try:
         Analyzer(**analysis)
     except (ValueError, TypeError) as err:
@@ -476,6 +479,10 @@ class Runner:
             staged = {**write_figures(result, stage, source.stem),
                       **write_reports(result, stage, source.stem, image=source.recorded, checkpoint=self.checkpoint,
                                       warnings=self.warnings)}
+            if result.inside is not None:
+                from panoviz_callback.inside_render import write_inside_figures
+
+                staged.update({f"inside/{k}": p for k, p in write_inside_figures(result, stage, source.stem).items()})
             files = {}
             for key, path in staged.items():
                 files[key] = out / path.name
