@@ -21,6 +21,8 @@ AttentionSite`` tried in order (:func:`register_query_adapter` adds one). Built 
   ``PerceiverResampler`` (the ``nn.MultiheadAttention`` of each layer's ``cross_attn``);
 - transformers BERT-style cross-attention (modules with ``query`` / ``key`` Linears called
   with ``encoder_hidden_states``, e.g. a BLIP-2 / PanoLLaVA Q-Former built on ``BertModel``);
+- Flamingo-style latent attention ``forward(tokens, latents)`` with ``norm_media``,
+  ``norm_latents``, ``to_q``, ``to_kv``, ``heads``, ``scale`` (PanoLLaVA's Perceiver);
 - any other ``nn.MultiheadAttention`` called with a key that is not its query.
 
 Keys are assumed to start with the tokens the resampler reads (the view's ``N`` patch tokens,
@@ -147,6 +149,17 @@ def _bert_cross_attention(module: nn.Module, args: tuple, kwargs: dict) -> Tenso
     return _softmax_qk(q, k, q.shape[-1] // head_dim, float(scale))
 
 
+def _latent_attention(module: nn.Module, args: tuple, kwargs: dict) -> Tensor | None:
+    """Flamingo-style ``forward(tokens, latents)``: keys = ``to_kv([norm_media(tokens); norm_latents(latents)])``."""
+    tokens, latents = _arg(args, kwargs, 0, "tokens"), _arg(args, kwargs, 1, "latents")
+    if not isinstance(tokens, Tensor) or not isinstance(latents, Tensor):
+        return None
+    media, lat = module.norm_media(tokens.float()), module.norm_latents(latents.float())
+    q = _linear(module.to_q, lat)
+    k, _ = _linear(module.to_kv, torch.cat([media, lat], dim=1)).chunk(2, dim=-1)
+    return _softmax_qk(q, k, int(module.heads), float(module.scale))
+
+
 # ----------------------------------------------------------------------------- query adapters
 Adapter = Callable[[nn.Module], "list[AttentionSite]"]
 _QUERY_ADAPTERS: list[Adapter] = []
@@ -188,12 +201,18 @@ def _bert(resampler: nn.Module) -> list[AttentionSite]:
             and hasattr(m, "attention_head_size")]
 
 
+def _latents(resampler: nn.Module) -> list[AttentionSite]:
+    return [AttentionSite(m, _latent_attention, name) for name, m in resampler.named_modules()
+            if all(isinstance(getattr(m, a, None), nn.Module) for a in ("to_q", "to_kv", "norm_media", "norm_latents"))
+            and hasattr(m, "heads") and hasattr(m, "scale")]
+
+
 def _any_mha(resampler: nn.Module) -> list[AttentionSite]:
     return [AttentionSite(m, mha_attention, name) for name, m in resampler.named_modules()
             if isinstance(m, nn.MultiheadAttention)]
 
 
-_QUERY_ADAPTERS.extend([_ours, _bert, _any_mha])
+_QUERY_ADAPTERS.extend([_ours, _bert, _latents, _any_mha])
 
 
 def query_attention_sites(resampler: Any) -> list[AttentionSite]:

@@ -123,7 +123,8 @@ def resampler_layer_modules(resampler: Any) -> list[tuple[str, nn.Module, bool]]
     Returns ``[(label, module, residual)]``: the layer's output is the module's output, plus its
     first input when ``residual``. This package's query resamplers: the last feed-forward of each
     layer (``q + ff(q)``); the MLP: its Linear layers; a transformers BERT Q-Former:
-    ``encoder.layer``; otherwise the first ``ModuleList`` named ``layers``, ``blocks`` or ``layer``.
+    ``encoder.layer``; otherwise the first ``ModuleList`` named ``layers``, ``blocks`` or ``layer``
+    (a layer that is a ``ModuleList`` of parts: its last part, residual).
     """
     module = getattr(resampler, "_orig_mod", resampler)
     if not isinstance(module, nn.Module):
@@ -135,7 +136,10 @@ def resampler_layer_modules(resampler: Any) -> list[tuple[str, nn.Module, bool]]
         return [(str(i), m, False) for i, m in enumerate(module.mlp) if isinstance(m, nn.Linear)]
     for name, child in module.named_modules():
         if isinstance(child, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks", "layer") and len(child):
-            return [(str(i), m, False) for i, m in enumerate(child)]
+            # a layer that is itself a ModuleList (never called, e.g. Flamingo's [attention, feed-forward]):
+            # its last part with the residual ``x + ff(x)``
+            return [(str(i), m[-1], True) if isinstance(m, nn.ModuleList) else (str(i), m, False)
+                    for i, m in enumerate(child)]
     return []
 
 

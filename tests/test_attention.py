@@ -237,3 +237,23 @@ def test_mha_self_attention_call_is_not_cross_attention():
     x = torch.randn(1, 3, 4)
     assert mha_attention(mha, (x, x, x), {}) is None
     assert mha_attention(mha, (x, x.clone(), x), {}).shape == (1, 1, 3, 3)
+
+
+def test_panollava_perceiver_capture_equals_hand_computation():
+    from panoviz_callback.panollava.resamplers import build_panollava_resampler
+
+    torch.manual_seed(0)
+    r = build_panollava_resampler("perceiver", vision_dim=16, latent_dim=16, config={"resampler_config": {
+        "num_latents": 3, "depth": 2, "heads": 2, "dim_head": 8}}).eval()
+    tokens = torch.randn(2, 6, 16)
+    attn = r.perceiver.layers[-1][0]
+    seen = {}
+    handle = attn.register_forward_pre_hook(lambda m, args: seen.update(tokens=args[0], latents=args[1]))
+    with torch.no_grad():
+        r(tokens)
+        handle.remove()
+        media, lat = attn.norm_media(seen["tokens"]), attn.norm_latents(seen["latents"])
+        k = attn.to_kv(torch.cat([media, lat], 1)).chunk(2, -1)[0]
+        expected = _hand_softmax(attn.to_q(lat), k, 2).mean(1)[..., :6]
+        got = capture_query_attention(r, tokens)
+    torch.testing.assert_close(got, expected / expected.sum(-1, keepdim=True), atol=_ATOL, rtol=0)
