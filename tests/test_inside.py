@@ -238,9 +238,11 @@ def test_runner_reproduces_the_live_inside_analysis(qformer_run, tmp_path, capsy
     out, err = capsys.readouterr()
     assert code == 0, err
     names = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {f"{stem}_last.png" for stem in INSIDE_FILES.values()} <= names
+    report = next((tmp_path / "out").glob("similarity_*.json"))
+    name = report.stem.removeprefix("similarity_")
+    assert {f"{stem}_{name}.png" for stem in INSIDE_FILES.values()} <= names
     assert "values reproduced, max |difference| 0.00e+00" in out
-    data = json.loads((tmp_path / "out" / "similarity_last.json").read_text())
+    data = json.loads(report.read_text())
     live = cb.history[-1]["scalars"]
     for key, value in data["inside"]["scalars"].items():
         assert value == pytest.approx(live[key], abs=1e-6), key
@@ -253,9 +255,11 @@ def test_cli_flags(tmp_path_factory, tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code == 0, err
     names = {p.name for p in (tmp_path / "a").iterdir()}
-    assert {"layer_sweep_last.png", "agreement_panorama_last.png"} <= names
-    assert "query_attention_last.png" not in names and "encoder_attention_last.png" not in names
-    data = json.loads((tmp_path / "a" / "similarity_last.json").read_text())
+    report = next((tmp_path / "a").glob("similarity_*.json"))
+    name = report.stem.removeprefix("similarity_")
+    assert {f"layer_sweep_{name}.png", f"agreement_panorama_{name}.png"} <= names
+    assert f"query_attention_{name}.png" not in names and f"encoder_attention_{name}.png" not in names
+    data = json.loads(report.read_text())
     assert data["inside"]["layer_sweep"]["levels"]["vision_encoder"]["layers"] == ["0", "2"]
     code = main(["--checkpoint", str(trained.last), "--output_dir", str(tmp_path / "b"), "--layers", "x"])
     _, err = capsys.readouterr()
