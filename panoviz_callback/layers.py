@@ -212,19 +212,21 @@ def sweep_metrics(tokens: Tensor, views: ViewSet, grid_hw: tuple[int, int] | Non
         return {"overlap_cosine": float("nan")}
     out = {"overlap_cosine": _mean(_m._overlap_cosine_views(units, idx_i, idx_j, [a for a, _ in corr],
                                                             [b for _, b in corr]))}
-    out.update(_optional_overlap_metrics(tokens.float(), views, corr))
+    out.update(_optional_overlap_metrics(tokens.float(), views, corr, grid_hw))
     return out
 
 
-def _optional_overlap_metrics(tokens: Tensor, views: ViewSet, corr: list[tuple[Tensor, Tensor]]) -> dict[str, float]:
+def _optional_overlap_metrics(tokens: Tensor, views: ViewSet, corr: list[tuple[Tensor, Tensor]],
+                              grid_hw: tuple[int, int]) -> dict[str, float]:
     """``overlap_cka`` / ``nn_accuracy`` per pair when :mod:`panoviz_callback.metrics` has them."""
     out = {}
-    for name in ("overlap_cka", "nn_accuracy"):
+    calls = {"overlap_cka": lambda fn, a, b, ia, ib: fn(a, b, ia, ib),
+             "nn_accuracy": lambda fn, a, b, ia, ib: fn(a, b, ia, ib, grid_hw)}
+    for name, call in calls.items():
         fn = getattr(_m, name, None)
         if fn is None:
             continue
-        values = []
-        for (i, j), (a, b) in zip(views.pairs, corr, strict=True):
-            values.append(float(fn(tokens[i], tokens[j], a, b)) if len(a) else float("nan"))
+        values = [float(call(fn, tokens[i], tokens[j], a, b)) if len(a) else float("nan")
+                  for (i, j), (a, b) in zip(views.pairs, corr, strict=True)]
         out[name] = _mean(torch.tensor(values))
     return out

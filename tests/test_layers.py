@@ -148,3 +148,22 @@ def test_layer_sweep_scalars_and_dict():
                                                   "metrics": {"overlap_cosine": [0.5, float("nan")]}}})
     assert sweep.scalars() == {"vision_encoder/layers/0/overlap_cosine": 0.5}
     assert sweep.to_dict()["levels"]["vision_encoder"]["metrics"]["overlap_cosine"] == [0.5, None]
+
+
+@pytest.mark.skipif(not hasattr(__import__("panoviz_callback.metrics").metrics, "overlap_cka"),
+                    reason="metrics.overlap_cka / nn_accuracy not available in this version")
+def test_sweep_uses_overlap_cka_and_nn_accuracy(views):
+    from panoviz_callback import metrics
+    from panoviz_callback.correspondence import patch_correspondence
+
+    enc = _siglip()
+    result = Analyzer(metrics=[], inside={"layers": [1]})(views, enc)
+    got = result.inside.layer_sweep.levels["vision_encoder"]["metrics"]
+    tokens = extract_features(enc, views.pixels, layer=1).tokens
+    cka, nn_acc = [], []
+    for i, j in views.pairs:
+        a, b = patch_correspondence(views, i, j, (4, 4))
+        cka.append(float(metrics.overlap_cka(tokens[i], tokens[j], a, b)))
+        nn_acc.append(float(metrics.nn_accuracy(tokens[i], tokens[j], a, b, (4, 4))))
+    assert got["overlap_cka"][0] == pytest.approx(sum(cka) / len(cka), abs=1e-6)
+    assert got["nn_accuracy"][0] == pytest.approx(sum(nn_acc) / len(nn_acc), abs=1e-6)
