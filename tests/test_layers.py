@@ -92,9 +92,11 @@ def test_sweep_equals_the_analysis_of_each_layer(views):
     sweep = result.inside.layer_sweep
     data = sweep.levels["vision_encoder"]
     assert data["layers"] == ["0", "1", "2", "3"]
+    names = list(data["metrics"])  # overlap_cosine, plus overlap_cka and nn_accuracy where metrics has them
     for k in range(4):
-        alone = Analyzer(layer=k, metrics=["overlap_cosine"])(views, enc).scalars()["vision_encoder/overlap_cosine"]
-        assert data["metrics"]["overlap_cosine"][k] == pytest.approx(alone, abs=1e-6)
+        alone = Analyzer(layer=k, metrics=names)(views, enc).scalars()
+        for name in names:
+            assert data["metrics"][name][k] == pytest.approx(alone[f"vision_encoder/{name}"], abs=1e-6), (k, name)
     resampled = sweep.levels["resampled"]
     assert resampled["layers"] == ["0", "3", "6"]  # the MLP's Linear layers; the last one is its output
     final = result.scalars()["resampled/overlap_cosine"]
