@@ -5,8 +5,8 @@ All encoder hidden states come from the one forward the analysis runs anyway
 recorded by forward hooks during its one forward (:class:`OutputCapture`). Per layer, the
 overlap metrics of :data:`SWEEP_METRICS` are averaged over the view pairs:
 
-- grid tokens: ``overlap_cosine`` (matched tokens of adjacent views), plus ``overlap_cka`` and
-  ``nn_accuracy`` when :mod:`panoviz_callback.metrics` provides them;
+- grid tokens: ``overlap_cosine`` (matched tokens of adjacent views), ``overlap_cka`` and
+  ``nn_accuracy`` (the same functions as the analysis' metrics of those names);
 - query tokens (no position): ``token_cosine`` (query ``k`` of view ``i`` vs query ``k`` of
   view ``j``) and ``linear_cka``.
 """
