@@ -88,7 +88,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     data = PanoDataModule(data_dir=args.data, num_synthetic=args.num_synthetic, batch_size=args.batch_size,
                           synthetic_height=args.synthetic_height,
                           num_workers=args.num_workers, seed=args.seed, **crop)
-    handles: dict[str, Any] = {"tensorboard": TensorBoardLogger(root, name="tensorboard"),
+    handles: dict[str, Any] = {"tensorboard": TensorBoardLogger(root, name="tensorboard", default_hp_metric=False),
                                "checkpoint": ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}",
                                                              save_top_k=-1, save_last=True)}
     loggers = [handles["tensorboard"]]

@@ -21,10 +21,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from panoviz_callback import sinks
+from panoviz_callback import sinks, timeline
 from panoviz_callback._checks import _check_choice, _check_int, _check_shape
 from panoviz_callback._state import preserved_modes, preserved_rng
 from panoviz_callback.analysis import AnalysisResult, Analyzer
+from panoviz_callback.lookup import ENCODER_SEARCH, RESAMPLER_SEARCH, find_module, find_part
 from panoviz_callback.views import STRATEGIES
 
 __all__ = ["PanoVizCallback", "ENCODER_SEARCH", "RESAMPLER_SEARCH", "find_module"]
@@ -34,20 +35,13 @@ _log = logging.getLogger(__name__)
 _HOOKS = ("train_epoch_end", "validation_epoch_end")
 _NO_RESAMPLER = ("none",)
 
-_ENCODER_NAMES = ("vision_encoder", "vision_tower", "vision_model", "vision_backbone.encoder", "visual",
-                  "image_encoder")
-_RESAMPLER_NAMES = ("resampler", "resampler_module.resampler", "mm_projector", "multi_modal_projector")
-#: Attribute paths tried in order by ``encoder="auto"`` (the module's own, then under ``model``; the generic
-#: name ``encoder`` last).
-ENCODER_SEARCH = _ENCODER_NAMES + tuple(f"model.{name}" for name in _ENCODER_NAMES) + ("encoder", "model.encoder")
-#: Attribute paths tried in order by ``resampler="auto"``; none found means no resampler level.
-RESAMPLER_SEARCH = _RESAMPLER_NAMES + tuple(f"model.{name}" for name in _RESAMPLER_NAMES)
-
 #: The embedded probe when ``probe=None``: ``synthetic_panorama(**_SYNTHETIC_PROBE)``.
 _SYNTHETIC_PROBE = {"height": 512, "seed": 0}
 #: Probe files are downscaled on load to at most this width (views are far smaller).
 _PROBE_MAX_WIDTH = 2048
 _STATE_VERSION = 1
+#: The first firing's tokens are kept (on the CPU) for the first-vs-latest image up to this many numbers per level.
+_FIRST_TOKENS_MAX = 16 * 2**20
 
 
 class PanoVizCallback(Callback):
@@ -56,11 +50,13 @@ class PanoVizCallback(Callback):
     At each firing the probe's views go through the LightningModule's vision encoder
     (and resampler) in ``eval`` mode under ``torch.no_grad()`` and the trainer's precision
     plugin; the token features are mapped to RGB by PCA and adjacent views are compared.
-    Scalars ``panoviz/{level}/{metric}`` and the images ``panoviz/original_views``,
-    ``panoviz/vision_encoder_pca``, ``panoviz/resampled_features_pca`` and
-    ``panoviz/pca_panorama`` go to every logger of the trainer at the global step (see
-    :mod:`panoviz_callback.sinks`; TensorBoard shows 10 images per tag unless started with
-    ``--samples_per_plugin images=100``).
+    Scalars ``panoviz/{level}/{metric}`` (with descriptions) and labelled images go to every
+    logger of the trainer at the global step: ``panoviz/original_views``,
+    ``panoviz/vision_encoder_pca``, ``panoviz/resampled_features_pca``, one PCA panorama per
+    level (``panoviz/vision_encoder_pca_panorama``, ``panoviz/resampled_pca_panorama``), the
+    metric timeline ``panoviz/timeline`` and, from the second firing of a fit,
+    ``panoviz/{level}_pca_first_vs_latest`` (see :mod:`panoviz_callback.sinks`; TensorBoard
+    shows 10 images per tag unless started with ``--samples_per_plugin images=100``).
 
     Training is left untouched: module modes (a frozen BatchNorm stays in ``eval``),
     ``requires_grad``, ``.grad`` and the global torch / NumPy / ``random`` states are
@@ -200,6 +196,7 @@ class PanoVizCallback(Callback):
         self._last_step: int | None = None
         self._views_logged = False
         self._warned: set[str] = set()
+        self._first: dict[str, tuple[Tensor, tuple[int, int]]] = {}  # level -> first firing's tokens, (step, epoch)
 
     @property
     @override
@@ -224,6 +221,7 @@ class PanoVizCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._views_logged = False
+        self._first = {}
         self._last_step = None
         self._vision_stage = None
         self._guarded(lambda: self._resolve_modules(pl_module))
@@ -359,21 +357,39 @@ class PanoVizCallback(Callback):
         return result
 
     def _publish(self, trainer: pl.Trainer, result: AnalysisResult) -> None:
-        step, epoch = trainer.global_step, trainer.current_epoch
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         scalars = result.scalars()
         self.last_result = result
-        self.history.append({"step": int(step), "epoch": int(epoch), "scalars": scalars})
-        images = sinks.render_images(result, with_views=not self._views_logged) if self.log_images else {}
+        self.history.append({"step": step, "epoch": epoch, "scalars": scalars})
+        if not self._first:
+            self._first = {level: (timeline.grid_tokens(res.features).detach().float().cpu(), (step, epoch))
+                           for level, res in result.levels.items()
+                           if res.features.tokens.numel() <= _FIRST_TOKENS_MAX}
+        images = self._images(result, step, epoch) if self.log_images else {}
         if self.log_images and result.inside is not None:
             from panoviz_callback.inside_render import inside_images
 
             images.update(inside_images(result))
-        sinks.log_firing(trainer.loggers, scalars, images, step)
+        sinks.log_firing(trainer.loggers, scalars, images, step, epoch)
         self._views_logged = self._views_logged or bool(images)
         if self.save_dir is not None:
-            self._save_files(result, f"step{step:08d}")
+            self._save_files(result, f"step{step:08d}", step, epoch)
 
-    def _save_files(self, result: AnalysisResult, name: str) -> None:
+    def _images(self, result: AnalysisResult, step: int, epoch: int) -> dict[str, Tensor]:
+        """The labelled images of a firing, the metric timeline and the first-vs-latest PCA per level."""
+        images = sinks.render_images(result, with_views=not self._views_logged, step=step, epoch=epoch)
+        images[sinks.IMAGE_TAGS["timeline"]] = timeline.timeline_image(self.history)
+        for level, (tokens, first) in self._first.items():
+            if first[0] == step or level not in result.levels:
+                continue
+            image = timeline.first_vs_latest_image(tokens, result, level, self._analyzer.settings(), first=first,
+                                                   latest=(step, epoch))
+            if image is not None:
+                images[sinks.IMAGE_TAGS[f"{level}_evolution"]] = image
+        return images
+
+    def _save_files(self, result: AnalysisResult, name: str, step: int, epoch: int) -> None:
+        from panoviz_callback import __version__
         from panoviz_callback.render import write_figures
         from panoviz_callback.report import write_reports
 
@@ -383,7 +399,10 @@ class PanoVizCallback(Callback):
 
             write_inside_figures(result, self.save_dir, name)
         probe_path = self._probe_spec.get("path") if self._probe_spec else None
-        write_reports(result, self.save_dir, name, image=probe_path)
+        meta = {"settings": self._analysis_settings(), "probe": _probe_label(self._probe_spec), "step": step,
+                "epoch": epoch, "version": __version__}
+        write_reports(result, self.save_dir, name, image=probe_path, meta=meta)
+        timeline.write_timeline(self.history, Path(self.save_dir) / "timeline.png")
 
     # ------------------------------------------------------------ probe/views
     def _cut_probe(self) -> Any:
@@ -425,8 +444,8 @@ class PanoVizCallback(Callback):
                 if self._vision_stage is None:
                     self._vision_stage = {"family": "panollava", "revision": stage.revision}
                 return stage.encoder, stage.resampler
-        encoder, self._paths["encoder"] = _find(pl_module, self.encoder, ENCODER_SEARCH, "encoder", required=True)
-        resampler, self._paths["resampler"] = _find(pl_module, self.resampler, RESAMPLER_SEARCH, "resampler",
+        encoder, self._paths["encoder"] = find_part(pl_module, self.encoder, ENCODER_SEARCH, "encoder", required=True)
+        resampler, self._paths["resampler"] = find_part(pl_module, self.resampler, RESAMPLER_SEARCH, "resampler",
                                                     required=False, exclude=encoder)
         if self._vision_stage is None:
             from panoviz_callback.vision_stage import describe_parts
@@ -465,60 +484,15 @@ def _load_probe(probe: Any) -> tuple[Tensor, dict[str, Any]]:
     return pano, {"kind": "path", "path": str(path), "max_width": _PROBE_MAX_WIDTH}
 
 
-def find_module(root: Any, spec: str, search: Sequence[str], what: str, *, exclude: Any = None,
-                accept: Callable[[Any], bool] = callable) -> tuple[Any, str | None]:
-    """Find the ``what`` (``"encoder"`` or ``"resampler"``) of ``root`` by attribute path.
-
-    Args:
-        root: the object searched (usually a LightningModule).
-        spec: a dotted attribute path (``"model.vision_tower"``), or ``"auto"``: the first of
-            ``root.{what}_attr`` (when it is a string) and ``search`` that exists, is not
-            ``exclude`` and passes ``accept``.
-        search: attribute paths tried in order by ``"auto"``, e.g. :data:`ENCODER_SEARCH`.
-        what: the part looked for; names the ``{what}_attr`` attribute and the error message.
-        exclude: an object never returned by ``"auto"`` (the encoder, when looking for the resampler).
-        accept: the test an ``"auto"`` candidate must pass (default: :func:`callable`).
-
-    Returns:
-        ``(object, path)``, or ``(None, None)`` when ``"auto"`` finds nothing.
-
-    Raises:
-        AttributeError: the path ``spec`` does not exist on ``root``.
-    """
-    if spec != "auto":
-        found = _get_path(root, spec)
-        if found is None:
-            raise AttributeError(f"`{type(root).__name__}` has no attribute `{spec}` (argument `{what}`).")
-        return found, spec
-    declared = getattr(root, f"{what}_attr", None)  # e.g. PanoVisionModule.encoder_attr
-    for path in ((declared,) if isinstance(declared, str) else ()) + tuple(search):
-        found = _get_path(root, path)
-        if found is not None and found is not exclude and accept(found):
-            return found, path
-    return None, None
-
-
-def _find(root: nn.Module, spec: Any, search: Sequence[str], what: str, *, required: bool,
-          exclude: Any = None) -> tuple[Any, str | None]:
-    """Resolve ``spec`` (``"auto"``, a dotted path, a callable or None) to ``(object, path or None)``."""
+def _probe_label(spec: dict[str, Any] | None) -> str | None:
+    """How reports name the probe: its path, ``synthetic(height=512, seed=0)`` or ``tensor``."""
     if spec is None:
-        return None, None
-    if callable(spec) and not isinstance(spec, str):
-        return spec, None
-    found, path = find_module(root, spec, search, what, exclude=exclude)
-    if found is None and required:
-        raise AttributeError(f"could not find the vision {what} on `{type(root).__name__}`: none of "
-                             f"{', '.join(search)} exists; pass `{what}='path.to.module'`.")
-    return found, path
-
-
-def _get_path(root: Any, path: str) -> Any:
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+        return None
+    if spec.get("kind") == "path":
+        return str(spec.get("path"))
+    if spec.get("kind") == "synthetic":
+        return f"synthetic(height={spec.get('height')}, seed={spec.get('seed')})"
+    return str(spec.get("kind"))
 
 
 @contextlib.contextmanager

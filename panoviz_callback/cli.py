@@ -129,7 +129,8 @@ def _main_parser() -> _Parser:
                "failure (e.g. an image that failed; the others are written), 2 a usage error.",
     )
     p.add_argument("--version", action="version", version=f"panoviz {__version__}")
-    p.add_argument(*_flag("checkpoint"), required=True, metavar="PATH", help="a Lightning .ckpt file")
+    p.add_argument(*_flag("checkpoint"), required=True, metavar="PATH", help="a Lightning .ckpt file, or a folder "
+                   "of them: each is analysed in training order and timeline.png shows the metrics over them")
     p.add_argument(*_flag("image"), nargs="+", metavar="PATH",
                    help="panoramas, folders or glob patterns; optional for checkpoints written with "
                         "PanoVizCallback (its own probe and settings are used)")
@@ -235,9 +236,10 @@ def _is_usage(exc: BaseException) -> bool:
 def _run(args: argparse.Namespace) -> int:
     from panoviz_callback import checkpoint as ck
     from panoviz_callback import runner as rn
-
     from panoviz_callback import vision_stage as vs
 
+    if Path(args.checkpoint).is_dir():
+        return _run_folder(args)
     sources = rn.resolve_images(args.image) if args.image else None
     name = ck.checkpoint_name(args.checkpoint)
     output_dir = Path(args.output_dir) if args.output_dir else _DEFAULT_ROOT / ck.run_name(args.checkpoint)
@@ -265,6 +267,7 @@ def _run(args: argparse.Namespace) -> int:
 
     model = vs.build_model(spec, ckpt, strict=args.strict, device=device, log=_err,
                            allow_missing=args.allow_missing_weights)
+    epoch = ckpt.get("epoch") if isinstance(ckpt.get("epoch"), int) else None
     del ckpt
     resampler = "no resampler" if model.resampler is None else type(model.resampler).__name__
     print(f"Checkpoint {args.checkpoint}: {spec.source}, {type(model.encoder).__name__} + {resampler}"
@@ -275,11 +278,17 @@ def _run(args: argparse.Namespace) -> int:
 
     runner = rn.Runner(model.encoder, model.resampler, plan, name=name, output_dir=output_dir,
                        checkpoint=Path(args.checkpoint).absolute(), log=_err, debug=args.debug,
-                       warnings=model.report.warnings)
+                       warnings=model.report.warnings, step=spec.global_step, epoch=epoch)
     results = runner.run(sources)
     print(rn.format_summary(results))
     for warning in model.report.warnings:
         _err(f"warning: {warning}")
+    history = (spec.callback or {}).get("history") or []
+    if history and any(r.error is None for r in results):
+        from panoviz_callback.timeline import write_timeline
+
+        path = write_timeline(history, output_dir / f"timeline_{name}.png")
+        print(f"Metric timeline of the {len(history)} live firing(s) in the checkpoint: {path}")
     probe = [r for r in results if r.source.spec is not None and r.error is None]
     if probe and plan.reproduces:
         agreement = rn.live_agreement(probe[0].scalars or {}, spec.callback, spec.global_step)
@@ -292,6 +301,47 @@ def _run(args: argparse.Namespace) -> int:
                 _err(f"warning: the metrics differ from those logged live at step {spec.global_step} by up to "
                      f"{diff:.2e} (another device or library version?)")
     return 0 if all(r.error is None for r in results) else 1
+
+
+def _run_folder(args: argparse.Namespace) -> int:
+    """``--checkpoint FOLDER``: every checkpoint in training order, then the timeline (and GIFs) over them."""
+    from panoviz_callback import timeline
+    from panoviz_callback.report import load_similarity_json
+    from panoviz_callback.runner import UsageError
+
+    folder = Path(args.checkpoint)
+    try:
+        checkpoints = timeline.checkpoint_series(folder)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    root = Path(args.output_dir) if args.output_dir else _DEFAULT_ROOT / (folder.resolve().parent.name or "run")
+    print(f"{len(checkpoints)} checkpoint(s) in {folder}: {', '.join(c.name for c in checkpoints)}")
+    status, reports, usage_errors = 0, [], 0
+    for path in checkpoints:
+        sub = argparse.Namespace(**{**vars(args), "checkpoint": str(path), "output_dir": str(root / path.stem)})
+        try:
+            status = max(status, _run(sub))
+        except Exception as exc:  # noqa: BLE001 - one unreadable checkpoint must not stop the series
+            if args.debug:
+                traceback.print_exc()
+            _err(f"error: {path.name}: {_one_line(exc)} (skipped)")
+            status, usage_errors = 1, usage_errors + _is_usage(exc)
+            continue
+        found = sorted((root / path.stem).rglob("similarity_*.json"))
+        reports += [(path, load_similarity_json(f)) for f in found[:1]]
+    if usage_errors == len(checkpoints):
+        return 2  # nothing could be analysed
+    if len(reports) >= 1:
+        history = timeline.history_from_reports([data for _, data in reports])
+        out = timeline.write_timeline(history, root / "timeline.png",
+                                      title=f"panoviz metrics over {len(history)} checkpoint(s) of {folder}")
+        print(f"Metric timeline over the checkpoints: {out}")
+        for stem in ("vision_encoder_pca", "resampled_features_pca"):
+            frames = [f for p, _ in reports for f in sorted((root / p.stem).glob(f"{stem}_*.png"))[:1]]
+            gif = timeline.write_gif(frames, root / f"{stem}_evolution.gif")
+            if gif is not None:
+                print(f"Animation of {stem} over the checkpoints: {gif}")
+    return status
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -308,8 +358,10 @@ def _compare(args: argparse.Namespace) -> int:
     labels = args.labels or [None] * len(args.runs)
     runs = [cmp.load_run(run, label) for run, label in zip(args.runs, labels)]
     md_path, png_path = cmp.write_comparison(runs, output_dir)
-    print(cmp.format_markdown(runs), end="")
-    print(f"Wrote {md_path} and {png_path}")
+    print(cmp.format_table(runs), end="")
+    for message in cmp.setting_differences(runs):
+        _err(f"warning: {message}")
+    print(f"Wrote {md_path} (the full table) and {png_path}")
     return 0
 
 

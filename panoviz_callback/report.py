@@ -17,7 +17,14 @@ JSON schema (``similarity_NAME.json``)::
                                                         "mean": float, "std": float,
                                                         "chance": float, "ceiling": float}  # accuracies only
                                                        | {"skipped": "reason"}}},
-                "resampled": {...}}}
+                "resampled": {...}},
+     "settings": {"crop_strategy": str, "image_size": int, "crop_options": {...}, "layer": int,
+                  "keep_cls_token": bool, "n_components": int, "bg_removal": str, "bg_threshold": float,
+                  "normalize": ..., "metrics": [...], ...},
+     "probe": str | null, "step": int | null, "epoch": int | null, "panoviz_version": str}
+
+The last five entries say how the numbers were made (``panoviz compare`` warns when two
+runs differ in them); reports written before they existed lack them.
 
 ``token_grid`` is null for query-token layouts (QFormer, Perceiver); a ``per_pair``
 entry is null for a pair where the metric is undefined (for example a pair of
@@ -90,6 +97,14 @@ def format_text_report(data: dict[str, Any]) -> str:
     lines.append(f"image:         {data.get('image') or '(synthetic probe / in-memory)'}")
     lines.append(f"checkpoint:    {data.get('checkpoint') or '(none)'}")
     lines.append(f"crop strategy: {data.get('crop_strategy')}")
+    if data.get("step") is not None or data.get("epoch") is not None:
+        lines.append(f"step / epoch:  {data.get('step')} / {data.get('epoch')}")
+    settings = data.get("settings") or {}
+    if settings:
+        shown = ", ".join(f"{k}={settings[k]}" for k in _SHOWN_SETTINGS if k in settings)
+        lines.append(f"settings:      {shown}")
+    if data.get("panoviz_version"):
+        lines.append(f"panoviz:       {data['panoviz_version']}")
     views = data.get("views") or []
     pairs = [tuple(p) for p in data.get("pairs") or []]
     lines.append(f"views ({len(views)}):")
@@ -130,6 +145,7 @@ def write_reports(
     image: str | os.PathLike | None = None,
     checkpoint: str | os.PathLike | None = None,
     warnings: Sequence[str] = (),
+    meta: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write ``similarity_analysis_NAME.txt`` and ``similarity_NAME.json`` into ``out_dir``.
 
@@ -141,6 +157,8 @@ def write_reports(
         checkpoint: the checkpoint path recorded in the reports.
         warnings: caveats every report must carry (``"warnings"`` in the JSON, ``WARNING:`` lines
             on top of the text), e.g. weights that were missing from the checkpoint.
+        meta: how the numbers were made: ``{"settings": {...}, "probe": str, "step": int,
+            "epoch": int}`` (any of them may be missing); the package version is added.
 
     Returns:
         ``{"txt": path, "json": path}``.
@@ -151,9 +169,17 @@ def write_reports(
     _check_name(name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    from panoviz_callback import __version__
+
     data = result.to_dict(image=image, checkpoint=checkpoint)
     if warnings:
         data["warnings"] = list(warnings)
+    meta = dict(meta or {})
+    data["settings"] = _plain(meta.get("settings") or {})
+    data["probe"] = meta.get("probe", None if image is None else str(image))
+    for key in ("step", "epoch"):
+        data[key] = None if meta.get(key) is None else int(meta[key])
+    data["panoviz_version"] = __version__
     paths = {"txt": out / f"similarity_analysis_{name}.txt", "json": out / f"similarity_{name}.json"}
     atomic_write_text(paths["json"], json.dumps(data, indent=2, allow_nan=False) + "\n")
     atomic_write_text(paths["txt"], format_text_report(data))
@@ -176,6 +202,20 @@ def load_similarity_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or not isinstance(data.get("levels"), dict):
         raise ValueError(f"{path}: not a similarity report (no 'levels' entry)")
     return data
+
+
+_SHOWN_SETTINGS = ("image_size", "layer", "n_components", "bg_removal", "keep_cls_token", "crop_options")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON types (tuples to lists, tensors and numpy values to Python numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
 
 
 def _check_name(name: str) -> None:

@@ -334,7 +334,7 @@ class ImageResult:
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)
     scalars: dict[str, float] | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # {"level/metric": reason}
     error: str | None = None
 
 
@@ -352,6 +352,8 @@ class Runner:
         debug: print tracebacks of failing images.
         progress: show a progress bar (None: only on a terminal).
         warnings: caveats every report of this run repeats (e.g. weights missing from the checkpoint).
+        step: the checkpoint's global step, recorded in the JSON report.
+        epoch: the checkpoint's epoch, recorded in the JSON report.
 
     Example::
 
@@ -361,7 +363,8 @@ class Runner:
 
     def __init__(self, encoder: Any, resampler: Any, plan: RunPlan, *, name: str, output_dir: str | os.PathLike,
                  checkpoint: str | os.PathLike | None = None, log: Log | None = None, debug: bool = False,
-                 progress: bool | None = None, warnings: Sequence[str] = ()) -> None:
+                 progress: bool | None = None, warnings: Sequence[str] = (), step: int | None = None,
+                 epoch: int | None = None) -> None:
         from panoviz_callback.analysis import Analyzer
 
         self.encoder, self.resampler, self.plan = encoder, resampler, plan
@@ -370,7 +373,8 @@ class Runner:
         self.log = log or _stderr
         self.debug, self.progress = debug, progress
         self.warnings = list(warnings)
-        self.analyzer = Analyzer(**plan.analysis)
+        self.step, self.epoch = step, epoch
+        self.analyzer = Analyzer(**plan.analysis, lpips_metric=_quiet_lpips(plan.analysis.get("metrics")))
         self.analyzer.load_state_dict({"pca_states": plan.pca_states})
         self._initial_states = dict(self.analyzer.pca_states)
 
@@ -476,9 +480,12 @@ class Runner:
         out.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f"{_STAGE_PREFIX}{os.getpid()}-", dir=out))
         try:
+            meta = {"settings": {"crop_strategy": self.plan.crop_strategy, "image_size": self.plan.image_size,
+                                 "crop_options": dict(self.plan.crop_options), **self.analyzer.settings()},
+                    "probe": source.recorded or _probe_label(source.spec), "step": self.step, "epoch": self.epoch}
             staged = {**write_figures(result, stage, source.stem),
                       **write_reports(result, stage, source.stem, image=source.recorded, checkpoint=self.checkpoint,
-                                      warnings=self.warnings)}
+                                      warnings=self.warnings, meta=meta)}
             if result.inside is not None:
                 from panoviz_callback.inside_render import write_inside_figures
 
@@ -562,14 +569,16 @@ def format_summary(results: Sequence[ImageResult]) -> str:
             level, _, metric = key.partition("/")
             if metric in METRICS:  # the PCA's masked share is in the reports, not in this table
                 values.setdefault((level, metric), []).append(value)
-    skipped = {}
+    skipped: dict[tuple[str, str], str] = {}
     for r in ok:
-        for metric, reason in r.skipped.items():
-            skipped.setdefault(metric, reason)
+        for key, reason in r.skipped.items():
+            level, _, metric = key.partition("/")
+            if (level, metric) not in values:
+                skipped.setdefault((level, metric), reason)
     if not values:
         if ok:
             lines.append("No metrics computed.")
-        return "\n".join(lines + [f"Skipped {m}: {why}" for m, why in skipped.items()])
+        return "\n".join(lines + _skipped_lines(skipped))
     levels = [lv for lv in LEVELS if any(k[0] == lv for k in values)]
     metrics = [m for m in METRICS if any(k[1] == m for k in values)]
     title = "Mean metrics" + (f" over {len(ok)} images" if len(ok) > 1 else "")
@@ -581,15 +590,42 @@ def format_summary(results: Sequence[ImageResult]) -> str:
             vals = [v for v in values.get((lv, m), []) if math.isfinite(v)]
             cells.append((f"{sum(vals) / len(vals):.4f}" if vals else "-").rjust(16))
         lines.append("  " + m.ljust(width) + "".join(cells))
-    lines += [f"Skipped {m}: {why}" for m, why in skipped.items() if not any(k[1] == m for k in values)]
-    return "\n".join(lines)
+    return "\n".join(lines + _skipped_lines(skipped))
+
+
+def _skipped_lines(skipped: Mapping[tuple[str, str], str]) -> list[str]:
+    """One line per skip reason: ``Skipped lpips (vision_encoder, resampled): reason``."""
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for (level, metric), reason in skipped.items():
+        by_reason.setdefault((metric, reason), []).append(level)
+    return [f"Skipped {metric} ({', '.join(levels)}): {reason}" for (metric, reason), levels in by_reason.items()]
 
 
 def _summaries(result: Any) -> tuple[dict[str, float], dict[str, str]]:
-    """The mean metrics and the skipped metrics (with their reasons) of an analysis."""
-    skipped = {name: m.skipped for res in result.levels.values() for name, m in res.metrics.items()
+    """The mean metrics and the skipped metrics (``{"level/metric": reason}``) of an analysis."""
+    skipped = {f"{level}/{name}": m.skipped for level, res in result.levels.items() for name, m in res.metrics.items()
                if m.skipped is not None}
     return result.scalars(), skipped
+
+
+def _quiet_lpips(metrics: Sequence[str] | None) -> Any:
+    """An LPIPS metric built without its warning (the summary names the skip reason once), or None."""
+    if metrics is not None and "lpips" not in metrics:
+        return None
+    from panoviz_callback.metrics import LPIPSMetric
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LPIPS is skipped")
+        return LPIPSMetric()
+
+
+def _probe_label(spec: Mapping[str, Any] | None) -> str | None:
+    """How reports name an in-memory probe: ``synthetic(height=512, seed=0)`` or ``tensor``."""
+    if not spec:
+        return None
+    if spec.get("kind") == "synthetic":
+        return f"synthetic(height={spec.get('height')}, seed={spec.get('seed')})"
+    return str(spec.get("kind"))
 
 
 def _one_line(err: BaseException) -> str:

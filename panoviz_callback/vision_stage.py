@@ -189,7 +189,8 @@ def describe_model(
     if class_path is not None:
         if not isinstance(class_path, str):
             raise ModelSpecError(f"{config_name}: `class_path` must be a string 'pkg.mod:Class', got {class_path!r}")
-        cls = _import_class(class_path, origin, allowed=bool(module) or trust)
+        cls = _import_class(class_path if module else _LIGHTNING_FREE.get(class_path, class_path), origin,
+                            allowed=bool(module) or trust)
 
     if cls is not None:
         enc_path = encoder or (state or {}).get("encoder_path")
@@ -209,11 +210,11 @@ def describe_model(
 
     if _find_prefix(keys, _PANOVIZ_PREFIXES[:1]) is not None and ("vision_name" in hparams or config):
         _require(hparams, ("vision_name",), bool(config), config_name, "this checkpoint")
-        from panoviz_callback.models.module import PanoVisionModule
+        from panoviz_callback.models.stage import PanoVisionStage
 
         prefixes = {"encoder": _PANOVIZ_PREFIXES[0],
                     "resampler": _PANOVIZ_PREFIXES[1] if _find_prefix(keys, _PANOVIZ_PREFIXES[1:]) else None}
-        return ModelSpec("panoviz", "PanoVisionModule layout (vision_encoder.*)", hparams, PanoVisionModule,
+        return ModelSpec("panoviz", "PanoVisionModule layout (vision_encoder.*)", hparams, PanoVisionStage,
                          prefixes, **common)
     if config:
         raise ModelSpecError(f"the model cannot be rebuilt: {config_name} names no `vision_name` or `class_path` "
@@ -263,6 +264,10 @@ def _callback_state(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
         if str(key).startswith(_CALLBACK_KEY) and isinstance(value, Mapping) and "settings" in value:
             return dict(value)
     return None
+
+
+#: Our Lightning classes recorded by the callback -> their vision-stage builder without Lightning (fast start).
+_LIGHTNING_FREE = {"panoviz_callback.models.module:PanoVisionModule": "panoviz_callback.models.stage:PanoVisionStage"}
 
 
 def _import_class(spec: str, origin: str, *, allowed: bool) -> type:
@@ -483,7 +488,7 @@ def describe_parts(encoder: Any, resampler: Any) -> dict[str, Any]:
 
 
 def _build_module(spec: ModelSpec) -> tuple[nn.Module, nn.Module | None, dict[str, str | None]]:
-    from panoviz_callback.callback import ENCODER_SEARCH, RESAMPLER_SEARCH
+    from panoviz_callback.lookup import ENCODER_SEARCH, RESAMPLER_SEARCH
 
     cls = spec.cls
     params = inspect.signature(cls.__init__).parameters
@@ -514,7 +519,7 @@ def _build_module(spec: ModelSpec) -> tuple[nn.Module, nn.Module | None, dict[st
 
 def _resolve(root: nn.Module, path: str | None, search: tuple[str, ...], what: str,
              exclude: Any) -> tuple[Any, str | None]:
-    from panoviz_callback.callback import find_module
+    from panoviz_callback.lookup import find_module
 
     try:
         found, path = find_module(root, path or "auto", search, what, exclude=exclude,

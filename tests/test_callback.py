@@ -26,13 +26,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from panoviz_callback import PanoVizCallback
+from panoviz_callback import labels, timeline
+from panoviz_callback.labels import LEVEL_TITLES
+from panoviz_callback.report import METRIC_DESCRIPTIONS
 from panoviz_callback._state import _check_grads_unchanged, _grad_snapshot
 from panoviz_callback.panorama import PanoramaError, synthetic_panorama
 
 _SIZE, _PATCH = 32, 8
 _CHEAP_METRICS = ["token_cosine", "overlap_cosine", "linear_cka"]
 _IMAGE_TAGS = {"panoviz/original_views", "panoviz/vision_encoder_pca", "panoviz/resampled_features_pca",
-               "panoviz/pca_panorama"}
+               "panoviz/vision_encoder_pca_panorama", "panoviz/resampled_pca_panorama", "panoviz/timeline",
+               "panoviz/vision_encoder_pca_first_vs_latest", "panoviz/resampled_pca_first_vs_latest"}
+_FROM_SECOND = {"panoviz/vision_encoder_pca_first_vs_latest", "panoviz/resampled_pca_first_vs_latest"}
 
 
 class TinyModule(LightningModule):
@@ -103,6 +108,15 @@ def _fit(tmp_path: Path, callbacks: list[Callback], *, model: LightningModule | 
     return trainer, model
 
 
+def _decode(event: Any) -> np.ndarray:
+    """A TensorBoard image event as an ``(H, W, 3)`` uint8 array."""
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+
+
 def _events(log_dir: str) -> EventAccumulator:
     acc = EventAccumulator(log_dir, size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
@@ -168,8 +182,36 @@ def test_tensorboard_tags_and_counts(tmp_path):
     acc = _events(trainer.logger.log_dir)
     assert set(acc.Tags()["images"]) == _IMAGE_TAGS
     assert [e.step for e in acc.Images("panoviz/original_views")] == [2]  # first firing only
-    for tag in _IMAGE_TAGS - {"panoviz/original_views"}:
+    for tag in _IMAGE_TAGS - {"panoviz/original_views"} - _FROM_SECOND:
         assert [e.step for e in acc.Images(tag)] == [2, 4, 6], tag
+    for tag in _FROM_SECOND:  # the first firing has nothing to compare with
+        assert [e.step for e in acc.Images(tag)] == [4, 6], tag
+    # readable in a default TensorBoard card: a grid (3 x 3 tiles of 160 px for 8 views), not a 8-view strip
+    for tag in ("panoviz/original_views", "panoviz/vision_encoder_pca", "panoviz/resampled_features_pca"):
+        image = acc.Images(tag)[-1]
+        assert 450 <= image.width <= 560 and image.height > image.width, (tag, image.width, image.height)
+    for tag in ("panoviz/vision_encoder_pca_panorama", "panoviz/resampled_pca_panorama"):
+        assert acc.Images(tag)[-1].width == 512, tag
+    # the labels are drawn in: the logged image equals the unlabelled render except in the text bands
+    logged = _decode(acc.Images("panoviz/resampled_features_pca")[-1])
+    plain = labels.pca_image(cb.last_result, "resampled", step=6, epoch=2, draw_text=False).permute(1, 2, 0).numpy()
+    assert logged.shape == plain.shape
+    header = slice(0, 40)
+    assert (logged[header] != plain[header]).any(axis=-1).mean() > 0.02  # the title: level, step, epoch
+    tile = (slice(100, 240), slice(10, 150))  # inside the first tile, under the header and its caption lines
+    np.testing.assert_array_equal(logged[tile], plain[tile])
+    assert (logged[60:90, 4:164] != plain[60:90, 4:164]).any()  # the caption "View 0 / yaw 0° pitch 0°"
+    # the timeline: one point per firing per metric and level
+    _, axes = timeline.plot_timeline(cb.history)
+    assert set(axes) == {name.split("/")[1] for name in cb.history[-1]["scalars"]}
+    for metric, ax in axes.items():
+        assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3], metric
+        assert list(ax.get_lines()[0].get_xdata()) == [2, 4, 6]
+    series = timeline.timeline_series(cb.history)
+    points = timeline.chart_points(series, list(axes))
+    assert set(points) == set(series) and all(len(p) == 3 for p in points.values())
+    logged = acc.Images("panoviz/timeline")[-1]
+    assert logged.width <= 720 and logged.height == timeline.timeline_image(cb.history).shape[1]
     scalars = {t for t in acc.Tags()["scalars"] if t.startswith("panoviz/")}
     assert scalars == {f"panoviz/{name}" for name in cb.history[-1]["scalars"]}
     for level in ("vision_encoder", "resampled"):
@@ -178,11 +220,14 @@ def test_tensorboard_tags_and_counts(tmp_path):
     for tag in scalars:
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [2, 4, 6], tag
+        metric = tag.rsplit("/", 1)[1]
+        description = acc.SummaryMetadata(tag).summary_description
+        assert METRIC_DESCRIPTIONS[metric] in description and LEVEL_TITLES[tag.split("/")[1]] in description
         assert events[-1].value == pytest.approx(cb.history[-1]["scalars"][tag.removeprefix("panoviz/")], abs=1e-6)
 
 
-def _wandb_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The history rows of an offline run, read from its ``.wandb`` file (a LevelDB-style record log)."""
+def _wandb_history(run_dir: Path, kind_filter: str = "history") -> list[dict[str, Any]]:
+    """The history rows (or ``define_metric`` records) of an offline run, read from its ``.wandb`` file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = next(run_dir.glob("run-*.wandb")).read_bytes()
@@ -204,7 +249,12 @@ def _wandb_history(run_dir: Path) -> list[dict[str, Any]]:
             if record.WhichOneof("record_type") == "history":
                 rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json)
                              for it in record.history.item})
-    return rows
+            elif record.WhichOneof("record_type") == "config" and kind_filter == "config":
+                rows.append({"name": "config", **{it.key: json.loads(it.value_json) for it in record.config.update}})
+            elif record.WhichOneof("record_type") == "metric" and kind_filter == "metric":
+                rows.append({"name": record.metric.name, "step_metric": record.metric.step_metric,
+                             "summary": record.metric.summary})
+    return rows if kind_filter == "history" else [r for r in rows if "name" in r]
 
 
 def test_wandb_offline_run(tmp_path, monkeypatch):
@@ -222,7 +272,10 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
         wandb.finish()
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
     pngs = sorted(p.name.rsplit("_", 2)[0] for p in (run_dir / "files" / "media" / "images" / "panoviz").glob("*.png"))
-    assert pngs == sorted(["original_views"] + 2 * ["vision_encoder_pca", "resampled_features_pca", "pca_panorama"])
+    per_firing = ["vision_encoder_pca", "resampled_features_pca", "vision_encoder_pca_panorama",
+                  "resampled_pca_panorama", "timeline"]
+    assert pngs == sorted(["original_views", "vision_encoder_pca_first_vs_latest",
+                           "resampled_pca_first_vs_latest"] + 2 * per_firing)
     for _ in range(120):  # wandb-core may still be writing the record log after finish() returns
         rows = [r for r in _wandb_history(run_dir) if "panoviz/resampled/overlap_cosine" in r]
         if len(rows) >= 2:
@@ -231,9 +284,21 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     assert [r["trainer/global_step"] for r in rows] == [2, 4]
     assert [r["panoviz/resampled/overlap_cosine"] for r in rows] == pytest.approx(
         [h["scalars"]["resampled/overlap_cosine"] for h in cb.history], abs=1e-6)
-    assert all("panoviz/pca_panorama/path" in r for r in rows)  # images and scalars in one log call
+    assert all("panoviz/resampled_pca_panorama/path" in r for r in rows)  # images and scalars in one log call
     steps = [r["_step"] for r in _wandb_history(run_dir)]
     assert steps == sorted(steps)
+    # captions say what is shown and when
+    caption = rows[-1]["panoviz/resampled_features_pca/caption"]
+    assert caption.startswith("Resampled tokens of each view") and caption.endswith("(step 4, epoch 1)")
+    assert rows[0]["panoviz/original_views/caption"].startswith("The probe's views")
+    # every panoviz scalar is charted against trainer/global_step, with a summary
+    metrics = {m["name"]: m for m in _wandb_history(run_dir, "metric")}
+    for name in cb.history[-1]["scalars"]:
+        assert metrics[f"panoviz/{name}"]["step_metric"] == "trainer/global_step", name
+        assert metrics[f"panoviz/{name}"]["summary"].max and metrics[f"panoviz/{name}"]["summary"].last, name
+    described = [r["panoviz_metrics"] for r in _wandb_history(run_dir, "config") if "panoviz_metrics" in r]
+    entry = described[-1].get("value", described[-1])
+    assert "cosine of token pairs" in entry["panoviz/resampled/overlap_cosine"]
 
 
 # ------------------------------------------------------------------- side effects
@@ -505,9 +570,11 @@ def test_save_dir_writes_figures_and_reports(tmp_path):
     cb = _callback(save_dir=str(tmp_path / "viz"))
     _fit(tmp_path, [cb], max_epochs=1, logger=False)
     names = sorted(p.name for p in (tmp_path / "viz").iterdir())
-    assert names == sorted(f"{stem}_step00000002.{ext}" for stem, ext in (
+    assert names == sorted([f"{stem}_step00000002.{ext}" for stem, ext in (
         ("original_views", "png"), ("vision_encoder_pca", "png"), ("resampled_features_pca", "png"),
-        ("similarity_analysis", "txt"), ("similarity", "json")))
+        ("similarity_analysis", "txt"), ("similarity", "json"))] + ["timeline.png"])
     data = json.loads((tmp_path / "viz" / "similarity_step00000002.json").read_text())
+    assert (data["step"], data["epoch"], data["settings"]["crop_strategy"]) == (2, 0, "e2p")
+    assert data["probe"] == "tensor" and data["settings"]["image_size"] == _SIZE
     mean = data["levels"]["resampled"]["metrics"]["overlap_cosine"]["mean"]
     assert mean == pytest.approx(cb.history[0]["scalars"]["resampled/overlap_cosine"])

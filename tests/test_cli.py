@@ -164,9 +164,11 @@ def test_checkpoint_unreadable(ckpt, tmp_path, capsys):
     code, _, err = _run(capsys, "--checkpoint", tmp_path / "cut.ckpt", "--output_dir", tmp_path / "o")
     assert code == 2
     _one_error(err, "cut.ckpt' is damaged or not a PyTorch checkpoint")
+    # a folder is a series of checkpoints: each bad one is named and skipped; none readable is a usage error
     code, _, err = _run(capsys, "--checkpoint", tmp_path, "--output_dir", tmp_path / "o")
     assert code == 2
-    _one_error(err, "is a folder, expected a .ckpt file")
+    _one_error(err, "cut.ckpt: ")
+    assert "is damaged or not a PyTorch checkpoint" in err and err.rstrip().endswith("(skipped)")
 
 
 def test_jpeg_as_checkpoint(tmp_path, capsys):
@@ -294,10 +296,13 @@ def test_compare(tmp_path, capsys):
     code, stdout, err = _run(capsys, "compare", a, b, "--labels", "before", "after", "--output_dir", out)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["comparison.md", "comparison.png"]
-    assert "| before | 0.2500 |" in stdout and "| after | 0.5000 |" in stdout
-    assert (out / "comparison.md").read_text() in stdout
+    header, _, row = stdout.splitlines()[:3]  # one block per level: metrics as rows, runs as columns
+    assert header.split() == ["vision_encoder", "before", "after"] and row.split() == ["token_cosine", "0.2500",
+                                                                                       "0.5000"]
+    md = (out / "comparison.md").read_text()
+    assert "| before | 0.2500 |" in md and "| after | 0.5000 |" in md
     code, stdout, _ = _run(capsys, "compare", a, b, "--output-dir", out)
-    assert code == 0 and "| epoch0 |" in stdout
+    assert code == 0 and stdout.splitlines()[0].split()[1] == "epoch0"
 
 
 def test_compare_exceptions(tmp_path, capsys):

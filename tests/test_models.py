@@ -451,3 +451,25 @@ def test_build_vision_stage_from_foreign_hparams():
     assert encoder.config.image_size == _SIZE and not encoder.training
     assert (resampler.in_dim, resampler.out_dim, resampler.hidden_dim) == (64, 32, 64)
     assert PanoVisionModule.encoder_attr == "vision_encoder" and PanoVisionModule.resampler_attr == "resampler"
+
+
+def test_vision_stage_matches_the_lightning_module():
+    import inspect
+
+    from panoviz_callback.models import PanoVisionModule, PanoVisionStage
+    from panoviz_callback.models.stage import STAGE_DEFAULTS
+
+    defaults = {k: p.default for k, p in inspect.signature(PanoVisionModule.__init__).parameters.items()}
+    assert {k: defaults[k] for k in STAGE_DEFAULTS} == STAGE_DEFAULTS
+    hp = {"vision_name": "tiny", "vision_overrides": {"image_size": 32, "patch_size": 8}, "image_size": 32,
+          "projector_dim": 8, "latent_dimension": 16}
+    torch.manual_seed(0)
+    module = PanoVisionModule(**hp)
+    stage = PanoVisionStage(**hp, lr=0.1)  # other hyper-parameters are ignored
+    own = {k for k in module.state_dict() if not k.startswith("projector.")}
+    assert set(stage.state_dict()) == own  # same prefixes: a PanoVisionModule checkpoint loads as is
+    stage.load_state_dict({k: v for k, v in module.state_dict().items() if k in own})
+    pixels = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(module.resampler(module.vision_encoder(pixels).last_hidden_state),
+                           stage.resampler(stage.vision_encoder(pixels).last_hidden_state))

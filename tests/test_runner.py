@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,11 +71,17 @@ def test_live_and_offline_agree(trained, tmp_path, capsys, which):
     out = tmp_path / "out"
     assert main(["--checkpoint", str(ckpt_path), "--output_dir", str(out)]) == 0
     name = "probe"  # files are named after the image: the callback's synthetic probe
-    assert _files(out) == sorted(f.format(name) for f in _FILES)
+    # the checkpoint holds the callback's history: the runner also writes the metric timeline
+    assert _files(out) == sorted([f.format(name) for f in _FILES] + [f"timeline_{checkpoint_name(ckpt_path)}.png"])
     data = json.loads((out / f"similarity_{name}.json").read_text())
     assert data["image"] == str(trained.probe.resolve()) and data["checkpoint"] == str(ckpt_path.absolute())
+    saved = torch.load(ckpt_path, weights_only=True)
+    assert (data["step"], data["epoch"]) == (saved["global_step"], saved["epoch"])
+    assert data["settings"]["crop_strategy"] == "e2p" and data["settings"]["image_size"] == tiny.SIZE
+    assert data["settings"]["bg_removal"] == "threshold" and data["settings"]["n_components"] == 3
+    assert data["probe"] == str(trained.probe.resolve()) and data["panoviz_version"]
 
-    step = torch.load(ckpt_path, weights_only=True)["global_step"]
+    step = saved["global_step"]
     events = EventAccumulator(str(trained.tb_dir), size_guidance={"scalars": 0})
     events.Reload()
     logged = {}
@@ -89,6 +97,30 @@ def test_live_and_offline_agree(trained, tmp_path, capsys, which):
     stdout = capsys.readouterr().out
     assert f"Live analysis at step {step}: {len(logged)} values reproduced" in stdout
     assert "Mean metrics:" in stdout and "overlap_cosine" in stdout
+
+
+def test_checkpoint_folder_runs_each_in_order_and_writes_the_timeline(trained, tmp_path, capsys):
+    out = tmp_path / "series"
+    assert main(["--checkpoint", str(trained.last.parent), "--output_dir", str(out), "--no_similarity"]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.splitlines()[0].startswith("3 checkpoint(s)") and "last.ckpt" in stdout.splitlines()[0]
+    order = [line.split()[1].rstrip(":") for line in stdout.splitlines() if line.startswith("Checkpoint ")]
+    assert [Path(p).name for p in order] == ["epoch=0-step=1.ckpt", "epoch=1-step=2.ckpt", "last.ckpt"]
+    assert (out / "timeline.png").is_file() and (out / "resampled_features_pca_evolution.gif").is_file()
+    for path in trained.last.parent.glob("*.ckpt"):
+        assert len(list((out / path.stem).glob("similarity_*.json"))) == 1, path
+
+
+def test_runner_path_imports_no_lightning(trained, panoramas, tmp_path):
+    code = ("import sys; from panoviz_callback.cli import main; "
+            f"code = main(['--checkpoint', {str(trained.last)!r}, '--image', {str(panoramas[0])!r}, "
+            f"'--output_dir', {str(tmp_path / 'out')!r}, '--device', 'cpu']); "
+            "assert code == 0, code; "
+            "loaded = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')]; "
+            "assert not loaded, loaded[:5]")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / f"similarity_{panoramas[0].stem}.json").is_file()
 
 
 def test_callback_settings_apply_to_other_images(trained, panoramas, tmp_path):
@@ -258,12 +290,17 @@ def test_plan_exceptions(flags, match):
 def test_format_summary(tmp_path):
     ok = ImageResult(ImageSource("a.png", "a"), tmp_path / "a", files={"json": tmp_path / "a" / "x.json"},
                      scalars={"vision_encoder/token_cosine": 0.5, "resampled/token_cosine": 0.25},
-                     skipped={"lpips": "weights missing"})
+                     skipped={"vision_encoder/lpips": "weights missing", "resampled/lpips": "weights missing",
+                              "vision_encoder/ssim": "no overlap", "resampled/ssim": "query tokens"})
     ok2 = ImageResult(ImageSource("b.png", "b"), tmp_path / "b", files={"json": tmp_path / "b" / "x.json"},
                       scalars={"vision_encoder/token_cosine": 0.7})
     bad = ImageResult(ImageSource("c.png", "c"), tmp_path / "c", error="broken")
     text = format_summary([ok, ok2, bad])
     assert f"Wrote 2 files for 2 image(s) to {tmp_path} (one folder per image)" in text
-    assert "1 of 3 image(s) failed: c.png" in text and "Skipped lpips: weights missing" in text
+    assert "1 of 3 image(s) failed: c.png" in text
+    # each skip reason once, per level, with that level's reason
+    skipped = [line for line in text.splitlines() if line.startswith("Skipped")]
+    assert skipped == ["Skipped lpips (vision_encoder, resampled): weights missing",
+                       "Skipped ssim (vision_encoder): no overlap", "Skipped ssim (resampled): query tokens"]
     row = next(line for line in text.splitlines() if line.strip().startswith("token_cosine"))
     assert row.split()[1:] == ["0.6000", "0.2500"]

@@ -40,21 +40,34 @@ def result():
 
 
 def test_smoke_render_images(result):
-    images = sinks.render_images(result, with_views=True)
-    assert set(images) == set(sinks.IMAGE_TAGS.values())
+    images = sinks.render_images(result, with_views=True, step=3, epoch=0)
+    per_firing = ("views", "vision_encoder", "resampled", "vision_encoder_panorama", "resampled_panorama")
+    assert set(images) == {sinks.IMAGE_TAGS[key] for key in per_firing}
     for image in images.values():
         assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
     assert sinks.IMAGE_TAGS["views"] not in sinks.render_images(result, with_views=False)
 
 
-def test_cardinality_pca_panorama_one_row_per_grid_level(result):
-    panorama = sinks.render_images(result, with_views=False)[sinks.IMAGE_TAGS["panorama"]]
+def test_cardinality_one_pca_panorama_per_grid_level(result):
     from panoviz_callback.render import pca_panorama_image
 
-    single = pca_panorama_image(result, "vision_encoder")
-    assert panorama.shape[2] == single.shape[2]
-    assert panorama.shape[1] == 2 * single.shape[1] + sinks._GAP  # encoder on top, resampled below
-    assert torch.equal(panorama[:, : single.shape[1]], single)
+    images = sinks.render_images(result, with_views=False)
+    for level in ("vision_encoder", "resampled"):
+        labelled = images[sinks.IMAGE_TAGS[f"{level}_panorama"]]
+        plain = pca_panorama_image(result, level)
+        assert labelled.shape[2] == plain.shape[2] and labelled.shape[1] > plain.shape[1]  # plus title and indices
+        rows = [r for r in range(labelled.shape[1] - plain.shape[1] + 1)
+                if torch.equal(labelled[:, r:r + plain.shape[1]], plain)]
+        assert len(rows) == 1, level  # the panorama itself is untouched under its labels
+
+
+def test_captions_and_descriptions():
+    caption = sinks.image_caption(sinks.IMAGE_TAGS["resampled_panorama"], step=96, epoch=2)
+    assert caption.startswith("Resampled PCA maps projected back onto the sphere") and caption.endswith(
+        "(step 96, epoch 2)")
+    assert sinks.image_caption("panoviz/other") == "panoviz/other"
+    description = sinks.scalar_description("panoviz/vision_encoder/lpips")
+    assert "LPIPS" in description and "vision encoder" in description and "lower = more similar" in description
 
 
 def test_tensorboard(tmp_path, result):
@@ -97,6 +110,7 @@ def test_wandb_one_log_call_per_firing(tmp_path, result):
     assert kwargs == {}  # no step=: W&B's own step never goes backwards
     assert data["trainer/global_step"] == 5
     assert all(isinstance(data[tag], wandb.Image) for tag in images)
+    assert data["panoviz/original_views"]._caption == sinks.image_caption("panoviz/original_views", 5)
     assert {f"panoviz/{k}" for k in result.scalars()} <= set(data)
 
 
@@ -111,8 +125,8 @@ def test_generic_logger_metrics_and_pngs(tmp_path, result):
     assert float(row["panoviz/resampled/token_cosine"]) == pytest.approx(result.scalars()["resampled/token_cosine"])
     pngs = sorted(p.name for p in (tmp_path / "csv" / "version_0" / "panoviz").iterdir())
     assert pngs == sorted(f"{tag.split('/', 1)[1]}_step00000003.png" for tag in images)
-    png = Image.open(tmp_path / "csv" / "version_0" / "panoviz" / "pca_panorama_step00000003.png")
-    assert png.size[::-1] == tuple(images["panoviz/pca_panorama"].shape[1:])
+    png = Image.open(tmp_path / "csv" / "version_0" / "panoviz" / "resampled_pca_panorama_step00000003.png")
+    assert png.size[::-1] == tuple(images["panoviz/resampled_pca_panorama"].shape[1:])
 
 
 class _BrokenLogger(Logger):

@@ -84,7 +84,7 @@ def test_no_model_description(tmp_path):
 def test_self_describing_panoviz_checkpoint(trained):
     ckpt = read_checkpoint(trained.last)
     spec = describe_model(ckpt)
-    assert spec.kind == "panoviz" and spec.cls.__name__ == "PanoVisionModule"
+    assert spec.kind == "panoviz" and spec.cls.__name__ == "PanoVisionStage"  # its builder, without Lightning
     assert spec.prefixes == {"encoder": "vision_encoder.", "resampler": "resampler."}
     assert spec.callback["probe"] == {"kind": "path", "path": str(trained.probe.resolve()), "max_width": 2048}
     assert spec.geometry["image_size"] == tiny.SIZE

@@ -14,7 +14,6 @@ State-dict prefixes: ``vision_encoder.`` (the encoder), ``resampler.`` (the resa
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -23,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from panoviz_callback._checks import _check_choice, _check_range, _check_shape
-from panoviz_callback.models.resamplers import RESAMPLER_KINDS, build_resampler
+from panoviz_callback.models.resamplers import RESAMPLER_KINDS
+from panoviz_callback.models.stage import PanoVisionStage, vision_config as _vision_config
 from panoviz_callback.models.vicreg import PAIRINGS, VICRegOverlapLoss
 
 __all__ = ["PanoVisionModule"]
@@ -144,17 +144,7 @@ class PanoVisionModule(pl.LightningModule):
             >>> pre = "vision_encoder."  # doctest: +SKIP
             >>> enc.load_state_dict({k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)})  # doctest: +SKIP
         """
-        from panoviz_callback.features import load_vision_encoder
-
-        h = {**_DEFAULTS, **{k: v for k, v in dict(hparams).items() if k in _DEFAULTS}}
-        _check_choice(h["resampler_type"], RESAMPLER_KINDS, "resampler_type")
-        encoder = load_vision_encoder(h["vision_name"], pretrained=pretrained, **(h["vision_overrides"] or {}))
-        in_dim = _encoder_hidden_size(encoder)
-        resampler = build_resampler(
-            h["resampler_type"], in_dim, h["latent_dimension"] or in_dim, num_queries=h["num_queries"],
-            depth=h["resampler_depth"], heads=h["resampler_heads"],
-        )
-        return encoder, resampler
+        return PanoVisionStage.build_vision_stage(hparams, pretrained=pretrained)
 
     def _freeze_encoder(self, freeze: bool, last_blocks: int) -> None:
         self._trainable_blocks: list[nn.Module] = []
@@ -297,21 +287,6 @@ def _projector(dim: int, width: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, width))
 
 
-def _vision_config(encoder: nn.Module) -> Any:
-    cfg = getattr(encoder, "config", None)
-    return getattr(cfg, "vision_config", None) or cfg
-
-
-def _encoder_hidden_size(encoder: nn.Module) -> int:
-    size = getattr(_vision_config(encoder), "hidden_size", None)
-    if size is None:
-        raise ValueError(
-            f"Cannot read the hidden size of {type(encoder).__name__} (`config.hidden_size`); PanoVisionModule "
-            "needs a transformers vision model (a preset, a local folder or a cached hub name)."
-        )
-    return int(size)
-
-
 def _encoder_image_size(encoder: nn.Module) -> int:
     size = getattr(_vision_config(encoder), "image_size", None)
     if size is None:
@@ -326,7 +301,3 @@ def _encoder_blocks(encoder: nn.Module) -> nn.ModuleList:
         raise ValueError("Cannot find the encoder's blocks (no nn.ModuleList): use `trainable_last_blocks=0`.")
     return max(lists, key=len)
 
-
-_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(PanoVisionModule.__init__).parameters.items() if name != "self"
-}
