@@ -124,6 +124,9 @@ def scalar_description(name: str) -> str:
     from panoviz_callback.report import METRIC_DESCRIPTIONS
 
     level, _, metric = name.removeprefix(f"{PREFIX}/").partition("/")
+    if metric == "masked_share":
+        return (f"share of the {labels.LEVEL_TITLES.get(level, level)} tokens the PCA left out (background, "
+                "padding or outliers), mean over the probe's views.")
     what = METRIC_DESCRIPTIONS.get(metric, metric)
     direction = "lower = more similar" if metric in _LOWER_IS_BETTER else "higher = more similar"
     return (f"{what}; {labels.LEVEL_TITLES.get(level, level)} tokens of the probe's views, mean over adjacent "

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import _tiny_module as tiny
 from panoviz_callback import report as report_module
+from panoviz_callback.checkpoint import checkpoint_name
 from panoviz_callback.cli import main
 from panoviz_callback.models.data import IMAGE_SUFFIXES
 from panoviz_callback.runner import (
