@@ -4,9 +4,9 @@
   over a series of checkpoints): one small panel per metric, one line per level, one
   marker per firing, the global step on the x-axis and the epochs under it. With VICReg,
   ``overlap_cosine`` of the resampled level climbs while the frozen encoder's line stays
-  flat. :func:`write_timeline` writes it as a PNG file; :func:`timeline_image` draws the
-  same panels with Pillow as a ``(3, H, W)`` uint8 tensor for loggers (a few milliseconds,
-  cheap enough for every firing; matplotlib takes about a second).
+  flat. :func:`timeline_image` draws the same panels with Pillow as a ``(3, H, W)`` uint8
+  tensor for loggers and :func:`write_timeline` as a PNG file (a few milliseconds, cheap
+  enough for every firing; the matplotlib figure takes about a second).
 - :func:`first_vs_latest_image` colours the first firing's tokens and the latest firing's
   tokens with one joint PCA (the latest basis, one colour range), so a colour means the
   same feature direction on both sides of every view.
@@ -125,7 +125,8 @@ def plot_timeline(history: Sequence[Mapping[str, Any]], fig: Any = None, *, titl
     return fig, axes
 
 
-def timeline_image(history: Sequence[Mapping[str, Any]], *, draw_text: bool = True) -> Tensor:
+def timeline_image(history: Sequence[Mapping[str, Any]], *, draw_text: bool = True,
+                   title: str | None = None) -> Tensor:
     """The timeline as a ``(3, H, W)`` uint8 image for loggers, drawn with Pillow (a few ms per firing).
 
     The same content as :func:`plot_timeline`: one panel per metric (3 per row, about 700 px
@@ -176,8 +177,9 @@ def timeline_image(history: Sequence[Mapping[str, Any]], *, draw_text: bool = Tr
         steps = sorted({int(h.get("step", 0)) for h in history})
         epochs = [h.get("epoch") for h in history if h.get("epoch") is not None]
         span = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else (f"step {steps[0]}" if steps else "no firing")
-        title = f"panoviz metrics over {len(history)} firing(s) · {span}" + (
-            f" · last epoch {epochs[-1]}" if epochs else "")
+        if title is None:
+            title = f"panoviz metrics over {len(history)} firing(s) · {span}" + (
+                f" · last epoch {epochs[-1]}" if epochs else "")
         draw.text((4, 4), labels._fit(draw, title, head_font, width - 8), fill=(20, 20, 20), font=head_font)
         x = 4.0
         for level, (_, _, name) in _LEVEL_STYLE.items():
@@ -227,12 +229,24 @@ def _y_range(series: Mapping[tuple[str, str], tuple[list[int], list[float]]], me
     return lo, hi
 
 
-def write_timeline(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, **kwargs: Any) -> Path:
-    """Write :func:`plot_timeline` as a PNG file (atomically)."""
-    from panoviz_callback.render import save_figure_atomic
+def write_timeline(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Write the timeline as a PNG file (atomically): :func:`timeline_image`, so it matches the logged one
+    and costs milliseconds (the runner writes it on every checkpoint with a history).
 
-    fig, _ = plot_timeline(history, **kwargs)
-    return save_figure_atomic(fig, path, dpi=100)
+    Args:
+        history: ``[{"step", "epoch", "scalars"}]``.
+        path: the PNG file.
+        title: replaces the first title line (None: firings and steps).
+    """
+    from PIL import Image
+
+    from panoviz_callback._io import atomic_path
+
+    image = timeline_image(history, title=title)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    return path
 
 
 def _grid_tokens(features: Any) -> tuple[Tensor, tuple[int, int]]:
