@@ -448,7 +448,7 @@ class PanoVizCallback(Callback):
         resampler, self._paths["resampler"] = find_part(pl_module, self.resampler, RESAMPLER_SEARCH, "resampler",
                                                     required=False, exclude=encoder)
         if self._vision_stage is None:
-            from panoviz_callback.vision_stage import describe_parts
+            from panoviz_callback.described import describe_parts
 
             self._vision_stage = describe_parts(encoder, resampler)
         return encoder, resampler

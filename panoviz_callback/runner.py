@@ -18,8 +18,6 @@ and metrics of the last firing exactly.
 
 from __future__ import annotations
 
-import glob
-import math
 import os
 import re
 import shutil
@@ -36,7 +34,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from panoviz_callback.panorama import IMAGE_SUFFIXES
+from panoviz_callback.inputs import (  # noqa: F401 - re-exported: the runner's public inputs
+    ImageSource,
+    UsageError,
+    _safe_name,
+    callback_probe,
+    check_output_dir,
+    image_names,
+    resolve_device,
+    resolve_images,
+)
+from panoviz_callback.panorama import IMAGE_SUFFIXES  # noqa: F401 - re-exported
+from panoviz_callback.summary import _skipped_lines, format_summary, live_agreement  # noqa: F401
 
 __all__ = [
     "UsageError", "ImageSource", "RunPlan", "ImageResult", "Runner", "resolve_images", "callback_probe",
@@ -52,162 +61,6 @@ _PCA_SETTINGS = ("layer", "keep_cls_token", "n_components", "bg_removal", "bg_th
 _ANALYZER_SETTINGS = (*_PCA_SETTINGS, "metrics", "inside")
 _STAGE_PREFIX = ".panoviz-"
 Log = Callable[[str], None]
-
-
-class UsageError(ValueError):
-    """The command line cannot be acted on (wrong option, path naming nothing, device missing)."""
-
-
-# ------------------------------------------------------------------------------------------- inputs
-@dataclass
-class ImageSource:
-    """One panorama to analyse: a file, or the callback's probe (``spec``)."""
-
-    label: str
-    stem: str
-    path: Path | None = None
-    spec: dict[str, Any] | None = None
-
-    @property
-    def recorded(self) -> str | None:
-        """The ``image`` entry of the JSON report (None for an in-memory probe)."""
-        return None if self.path is None else str(self.path)
-
-
-def resolve_images(patterns: Sequence[str]) -> list[ImageSource]:
-    """Expand ``--image`` arguments (files, folders, glob patterns) to image files, in order, without repeats.
-
-    Raises:
-        UsageError: a path that does not exist, a folder or pattern without images.
-    """
-    found: list[Path] = []
-    for pattern in patterns:
-        p = Path(pattern).expanduser()
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UsageError(f"--image folder '{p}' holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        elif p.exists():
-            files = [p]
-        elif glob.has_magic(pattern):
-            files = sorted(Path(f) for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-                           if Path(f).is_file() and Path(f).suffix.lower() in IMAGE_SUFFIXES)
-            if not files:
-                raise UsageError(f"--image pattern '{pattern}' matches no images ({', '.join(IMAGE_SUFFIXES)})")
-        else:
-            raise UsageError(f"--image '{p}' does not exist")
-        found += files
-    unique = list(dict.fromkeys(f.absolute() for f in found))
-    return [ImageSource(label=str(f), stem=name, path=f) for f, name in zip(unique, image_names(unique))]
-
-
-def _safe_name(text: str) -> str:
-    """A file/folder name: separators and odd characters become ``_``, no leading dots, never empty."""
-    out = re.sub(r"[^\w.=+@-]", "_", text).lstrip(".").rstrip(". ")
-    return out[:120] or "image"
-
-
-def image_names(paths: Sequence[Path]) -> list[str]:
-    """Safe, unique names for images: their paths relative to the common folder, without the suffix.
-
-    ``a/x.jpg`` and ``b/x.jpg`` become ``a_x`` and ``b_x``; separators, ``..`` and leading dots
-    never survive; names that still clash (also ignoring case) get ``-2``, ``-3``, ... checked
-    against every final name.
-
-    Example:
-        >>> image_names([Path("/p/a/x.jpg"), Path("/p/b/x.jpg"), Path("/p/b/...jpg")])
-        ['a_x', 'b_x', 'b_']
-    """
-    if not paths:
-        return []
-    root = Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
-    raw = []
-    for p in paths:
-        rel = Path(p).relative_to(root)
-        parts = [*rel.parts[:-1], rel.stem]
-        raw.append(_safe_name("_".join(parts)))
-    reserved = {n.lower() for n in raw}
-    seen: set[str] = set()
-    names = []
-    for name in raw:
-        final, k = name, 1
-        while final.lower() in seen or (final != name and final.lower() in reserved):
-            k += 1
-            final = f"{name}-{k}"
-        seen.add(final.lower())
-        names.append(final)
-    return names
-
-
-def callback_probe(state: Mapping[str, Any] | None) -> ImageSource:
-    """The probe panorama recorded by :class:`~panoviz_callback.PanoVizCallback`.
-
-    Raises:
-        UsageError: the checkpoint has no callback probe (then ``--image`` is needed).
-    """
-    spec = (state or {}).get("probe")
-    if not isinstance(spec, Mapping) or spec.get("kind") not in ("synthetic", "path", "tensor"):
-        raise UsageError("no --image given and the checkpoint holds no PanoVizCallback probe; pass --image PATH")
-    spec = dict(spec)
-    from panoviz_callback.checkpoint import ModelSpecError, check_limit
-
-    try:
-        if spec["kind"] == "synthetic":
-            check_limit(spec.get("height", 512), "probe height", "the checkpoint's probe")
-        if spec.get("max_width") is not None:
-            check_limit(spec["max_width"], "probe max_width", "the checkpoint's probe")
-        if spec["kind"] == "tensor":
-            shape = tuple(getattr(spec.get("pixels"), "shape", ()))
-            if len(shape) != 3 or shape[0] != 3:
-                raise UsageError(f"the checkpoint's probe tensor has shape {shape}, expected (3, H, W)")
-            check_limit(shape[1], "probe height", "the checkpoint's probe")
-            check_limit(shape[2], "probe width", "the checkpoint's probe")
-    except ModelSpecError as err:
-        raise UsageError(f"{err}; pass --image PATH") from None
-    if spec["kind"] == "path":
-        path = Path(spec["path"])
-        if not path.is_file():
-            raise UsageError(f"the callback's probe '{path}' no longer exists; pass --image PATH")
-        return ImageSource(label=f"callback probe {path}", stem=_safe_name(path.stem), path=path, spec=spec)
-    what = "synthetic panorama" if spec["kind"] == "synthetic" else "tensor"
-    return ImageSource(label=f"callback probe ({what})", stem="probe", spec=spec)
-
-
-def check_output_dir(path: Path) -> None:
-    """Fail early when ``path`` cannot become a writable folder (nothing is created here).
-
-    Raises:
-        UsageError: ``path`` or an ancestor is a file, or the nearest existing folder is not writable.
-    """
-    p = Path(os.path.abspath(path))
-    probe = p
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--output_dir '{path}' cannot be created: '{probe}' is a file, not a folder")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".panoviz-write-test-", dir=probe)
-    except OSError as err:
-        raise UsageError(f"--output_dir '{path}' is not writable ({err.strerror or err} in '{probe}')") from None
-    os.close(fd)
-    os.unlink(name)
-
-
-def resolve_device(choice: str, log: Log) -> torch.device:
-    """``"auto"`` (CUDA if available, else the CPU with a note), ``"cuda"`` or ``"cpu"``.
-
-    Raises:
-        UsageError: ``"cuda"`` on a machine where CUDA is not available.
-    """
-    available = torch.cuda.is_available()
-    if choice == "cuda" and not available:
-        built = "a build without CUDA" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, but no GPU " \
-                                                                         "is visible"
-        raise UsageError(f"--device cuda: CUDA is not available on this machine (torch {torch.__version__}, {built}); "
-                         "use --device cpu or --device auto")
-    if choice == "auto" and not available:
-        log("note: CUDA is not available; running on the CPU")
-    return torch.device("cuda" if choice != "cpu" and available else "cpu")
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -532,73 +385,6 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
-
-
-# ------------------------------------------------------------------------------------------- summary
-def live_agreement(scalars: Mapping[str, float], callback: Mapping[str, Any] | None,
-                   step: int | None) -> tuple[int, float] | None:
-    """``(number of values, max |difference|)`` against the callback's history at ``step`` (None: no entry)."""
-    history = [h for h in (callback or {}).get("history") or [] if step is None or h.get("step") == step]
-    if not history:
-        return None
-    live = history[-1].get("scalars") or {}
-    common = [k for k in live if k in scalars]
-    if not common:
-        return None
-    return len(common), max(abs(float(live[k]) - float(scalars[k])) for k in common)
-
-
-def format_summary(results: Sequence[ImageResult]) -> str:
-    """Where the files are and a table of the mean metrics (averaged over the images that worked)."""
-    from panoviz_callback.analysis import LEVELS, METRICS
-
-    ok = [r for r in results if r.error is None]
-    lines = []
-    dirs = list(dict.fromkeys(r.out_dir for r in ok))
-    if ok:
-        n_files = sum(len(r.files) for r in ok)
-        common = os.path.commonpath([str(d) for d in dirs])
-        where = str(dirs[0]) if len(dirs) == 1 else f"{common} (one folder per image)"
-        lines.append(f"Wrote {n_files} files for {len(ok)} image(s) to {where}")
-    failed = [r for r in results if r.error is not None]
-    if failed:
-        lines.append(f"{len(failed)} of {len(results)} image(s) failed: " + ", ".join(r.source.label for r in failed))
-    values: dict[tuple[str, str], list[float]] = {}
-    for r in ok:
-        for key, value in (r.scalars or {}).items():
-            level, _, metric = key.partition("/")
-            if metric in METRICS:  # the PCA's masked share is in the reports, not in this table
-                values.setdefault((level, metric), []).append(value)
-    skipped: dict[tuple[str, str], str] = {}
-    for r in ok:
-        for key, reason in r.skipped.items():
-            level, _, metric = key.partition("/")
-            if (level, metric) not in values:
-                skipped.setdefault((level, metric), reason)
-    if not values:
-        if ok:
-            lines.append("No metrics computed.")
-        return "\n".join(lines + _skipped_lines(skipped))
-    levels = [lv for lv in LEVELS if any(k[0] == lv for k in values)]
-    metrics = [m for m in METRICS if any(k[1] == m for k in values)]
-    title = "Mean metrics" + (f" over {len(ok)} images" if len(ok) > 1 else "")
-    width = max(len(m) for m in metrics) + 2
-    lines += [f"{title}:", "  " + "metric".ljust(width) + "".join(lv.rjust(16) for lv in levels)]
-    for m in metrics:
-        cells = []
-        for lv in levels:
-            vals = [v for v in values.get((lv, m), []) if math.isfinite(v)]
-            cells.append((f"{sum(vals) / len(vals):.4f}" if vals else "-").rjust(16))
-        lines.append("  " + m.ljust(width) + "".join(cells))
-    return "\n".join(lines + _skipped_lines(skipped))
-
-
-def _skipped_lines(skipped: Mapping[tuple[str, str], str]) -> list[str]:
-    """One line per skip reason: ``Skipped lpips (vision_encoder, resampled): reason``."""
-    by_reason: dict[tuple[str, str], list[str]] = {}
-    for (level, metric), reason in skipped.items():
-        by_reason.setdefault((metric, reason), []).append(level)
-    return [f"Skipped {metric} ({', '.join(levels)}): {reason}" for (metric, reason), levels in by_reason.items()]
 
 
 def _summaries(result: Any) -> tuple[dict[str, float], dict[str, str]]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,17 +33,25 @@ from typing import Any
 import torch
 from torch import nn
 
+from panoviz_callback._hparams import (
+    _config_class,
+    _config_hparams,
+    _find_prefix,
+    _geometry,
+    _merge,
+    _plain_dict,
+)
 from panoviz_callback.checkpoint import (
-    CheckpointError,
     Log,
     ModelSpecError,
-    WeightsError,
     _first_line,
     _warn,
-    check_limit,
     load_config,
     read_checkpoint,
 )
+
+from panoviz_callback.described import build_described, describe_parts  # noqa: E402
+from panoviz_callback.weights import LoadReport, _load_part, finish_load  # noqa: E402
 
 __all__ = [
     "ModelSpec", "LoadReport", "CheckpointModel", "describe_model", "build_model", "load_model",
@@ -57,7 +64,6 @@ _PANOVIZ_PREFIXES = ("vision_encoder.", "resampler.")
 _CALLBACK_KEY = "PanoVizCallback"
 _NO_DESCRIPTION = ("this checkpoint holds no model configuration; pass --config path/to/config.yaml or "
                    "--module pkg.mod:Class")
-_GEOMETRY_KEYS = {"fov_deg": ("fov_deg", "fov"), "overlap": ("overlap", "overlap_ratio"), "pitches": ("pitches",)}
 
 
 @dataclass
@@ -84,37 +90,6 @@ class ModelSpec:
     geometry: dict[str, Any] = field(default_factory=dict)
     callback: dict[str, Any] | None = None
     global_step: int | None = None
-
-
-@dataclass
-class LoadReport:
-    """How the checkpoint's weights fitted: per part, the prefix and the missing/unexpected keys."""
-
-    prefixes: dict[str, str | None] = field(default_factory=dict)
-    loaded: dict[str, int] = field(default_factory=dict)
-    missing: dict[str, list[str]] = field(default_factory=dict)
-    unexpected: dict[str, list[str]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when no key is missing or unexpected."""
-        return not any(self.missing.values()) and not any(self.unexpected.values())
-
-    def problems(self, limit: int = 3) -> list[str]:
-        """One line per part with missing or unexpected keys (counts and the first ``limit`` names)."""
-        lines = []
-        for part, prefix in self.prefixes.items():
-            missing, unexpected = self.missing.get(part, []), self.unexpected.get(part, [])
-            if not missing and not unexpected:
-                continue
-            bits = []
-            for what, keys in (("missing", missing), ("unexpected", unexpected)):
-                if keys:
-                    more = ", ..." if len(keys) > limit else ""
-                    bits.append(f"{len(keys)} {what} ({', '.join(keys[:limit])}{more})")
-            lines.append(f"{part} weights under '{prefix or ''}': " + "; ".join(bits))
-        return lines
 
 
 @dataclass
@@ -322,7 +297,7 @@ def build_model(spec: ModelSpec, ckpt: Mapping[str, Any], *, strict: bool = Fals
                 encoder, resampler = _build_vision_stage(spec.cls, spec.hparams,
                                                          _has_weights(state_dict, prefixes["encoder"]))
             else:
-                encoder, resampler = _build_described(spec, state_dict)
+                encoder, resampler = build_described(spec, state_dict)
         except ModelSpecError:
             raise
         except (ValueError, TypeError, OSError) as err:
@@ -345,31 +320,6 @@ def build_model(spec: ModelSpec, ckpt: Mapping[str, Any], *, strict: bool = Fals
         if isinstance(part, nn.Module):
             part.requires_grad_(False).eval().to(device)
     return CheckpointModel(encoder=encoder, resampler=resampler, spec=spec, report=report)
-
-
-def finish_load(report: LoadReport, strict: bool, log: Log, allow_missing: bool = False) -> None:
-    """Refuse missing weights (a randomly initialised part), then raise (``strict``) or warn about the rest.
-
-    A part with missing keys is an error unless ``allow_missing``; then each problem is logged and
-    recorded in ``report.warnings``, which every output repeats.
-
-    Raises:
-        WeightsError: missing weights (without ``allow_missing``), or any mismatch with ``strict``.
-    """
-    if report.ok:
-        return
-    partial = [part for part, keys in report.missing.items() if keys]
-    if partial and not allow_missing:
-        raise WeightsError(
-            f"the checkpoint lacks weights of the {' and '.join(partial)} ({' | '.join(report.problems())}); a "
-            "randomly initialised part is never analysed (--allow_missing_weights analyses it anyway, and every "
-            "output then says so)")
-    if strict:
-        raise WeightsError("the checkpoint's weights do not match the model (--strict): " + " | ".join(report.problems()))
-    for line in report.problems():
-        log(f"warning: {line}")
-        if any(report.missing.values()):
-            report.warnings.append(f"weights missing from the checkpoint, randomly initialised: {line}")
 
 
 def load_model(path: str | os.PathLike, *, config: str | os.PathLike | None = None, module: str | None = None,
@@ -403,88 +353,6 @@ def load_vision_stage(checkpoint: str | os.PathLike, config: str | os.PathLike |
         >>> feats = extract_features(stage.encoder, views.pixels)  # doctest: +SKIP
     """
     return load_model(checkpoint, config=config, module=module, strict=strict, device=device, log=log, trust=trust)
-
-
-def _build_described(spec: ModelSpec, state_dict: Mapping[str, Any]) -> tuple[nn.Module, nn.Module | None]:
-    """Encoder from the recorded transformers config, resampler from the recorded type and sizes."""
-    from panoviz_callback.features import load_vision_encoder
-    from panoviz_callback.models.resamplers import RESAMPLER_KINDS, MLPResampler, build_resampler
-
-    enc = spec.hparams.get("encoder") or {}
-    config = enc.get("config") if isinstance(enc, Mapping) else None
-    if enc.get("kind") != "transformers" or not isinstance(config, Mapping) or "model_type" not in config:
-        raise ModelSpecError("the checkpoint's description of the encoder is not a transformers config")
-    check_model_config(config, "the checkpoint's encoder config")
-    encoder = load_vision_encoder(dict(config), pretrained=False)
-    res = spec.hparams.get("resampler")
-    if spec.prefixes.get("resampler") is None or not res:
-        return encoder, None
-    if res.get("kind") != "panoviz" or res.get("type") not in RESAMPLER_KINDS:
-        raise ModelSpecError(f"the checkpoint describes a resampler this package cannot build ({res.get('type')!r})")
-    sizes = {k: res[k] for k in ("in_dim", "out_dim", "hidden_dim", "num_queries", "depth", "heads")
-             if res.get(k) is not None}
-    for key in ("in_dim", "out_dim", "hidden_dim"):
-        check_limit(sizes.get(key, 1), "hidden size", f"the checkpoint's resampler {key}")
-    check_limit(sizes.get("num_queries", 1), "num_queries", "the checkpoint's resampler")
-    check_limit(sizes.get("depth", 1), "number of layers", "the checkpoint's resampler depth")
-    check_limit(sizes.get("heads", 1), "attention heads", "the checkpoint's resampler")
-    in_dim, out_dim = sizes.pop("in_dim"), sizes.pop("out_dim", None)
-    if res["type"] == "mlp":
-        return encoder, MLPResampler(in_dim, out_dim or in_dim, hidden_dim=sizes.get("hidden_dim"),
-                                     depth=sizes.get("depth", 3))
-    sizes.pop("hidden_dim", None)
-    return encoder, build_resampler(res["type"], in_dim, out_dim, **sizes)
-
-
-_CONFIG_LIMITS = (("hidden_size", "hidden size"), ("intermediate_size", "intermediate size"),
-                  ("num_hidden_layers", "number of layers"), ("num_attention_heads", "attention heads"),
-                  ("image_size", "image_size"), ("patch_size", "patch size"))
-
-
-def check_model_config(config: Mapping[str, Any], source: str) -> None:
-    """Check the sizes of a transformers config read from a file (also its ``vision_config``) against the caps."""
-    for cfg in (config, config.get("vision_config")):
-        if not isinstance(cfg, Mapping):
-            continue
-        for key, limit in _CONFIG_LIMITS:
-            if cfg.get(key) is not None:
-                value = cfg[key]
-                value = value[0] if isinstance(value, list | tuple) and value else value
-                check_limit(value, limit, f"{source} ({key})")
-
-
-def describe_parts(encoder: Any, resampler: Any) -> dict[str, Any]:
-    """What the runner needs to rebuild ``encoder`` and ``resampler`` without the user's code (plain data).
-
-    ``{"encoder": {"kind": "transformers", "config": {...}} | None, "resampler": {"kind": "panoviz",
-    "type", "in_dim", "out_dim", ...} | None}``; None where a part is neither a transformers model nor
-    one of this package's resamplers.
-    """
-    import json
-
-    from panoviz_callback.models import resamplers as rs
-
-    out: dict[str, Any] = {"encoder": None, "resampler": None}
-    cfg = getattr(encoder, "config", None)
-    to_json = getattr(cfg, "to_json_string", None)
-    if callable(to_json) and getattr(cfg, "model_type", None):
-        try:
-            out["encoder"] = {"kind": "transformers", "config": json.loads(to_json(use_diff=False))}
-        except (TypeError, ValueError):
-            pass
-    kinds = {rs.IdentityResampler: "identity", rs.MLPResampler: "mlp", rs.QFormerResampler: "qformer",
-             rs.PerceiverResampler: "perceiver"}
-    kind = kinds.get(type(resampler))
-    if kind is not None:
-        desc = {"kind": "panoviz", "type": kind, "in_dim": int(resampler.in_dim), "out_dim": int(resampler.out_dim)}
-        if kind == "mlp":
-            desc.update(depth=sum(isinstance(m, nn.Linear) for m in resampler.modules()),
-                        hidden_dim=int(resampler.hidden_dim))
-        elif kind in ("qformer", "perceiver"):
-            desc.update(num_queries=int(resampler.num_queries), depth=len(resampler.layers),
-                        heads=int(resampler.heads))
-        out["resampler"] = desc
-    return out
 
 
 def _build_module(spec: ModelSpec) -> tuple[nn.Module, nn.Module | None, dict[str, str | None]]:
@@ -551,107 +419,3 @@ def _build_vision_stage(cls: type, hparams: Mapping[str, Any], has_weights: bool
     return build(hparams)
 
 
-def _load_part(part: str, module: nn.Module, state_dict: Mapping[str, Any], prefix: str | None,
-               report: LoadReport, *, align: bool) -> None:
-    expected = list(module.state_dict().keys())
-    sliced = {k[len(prefix):]: v for k, v in state_dict.items() if prefix and k.startswith(prefix)}
-    if align:
-        sliced = _align_keys(sliced, expected)
-    try:
-        result = module.load_state_dict(sliced, strict=False)
-    except RuntimeError as err:
-        sizes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
-        detail = "; ".join(sizes[:3]) or _first_line(err)
-        raise WeightsError(f"the {part} weights under '{prefix}' do not fit the rebuilt {part}: {detail}") from None
-    report.loaded[part] = len(sliced) - len(result.unexpected_keys)
-    report.missing[part] = list(result.missing_keys)
-    report.unexpected[part] = [f"{prefix}{k}" for k in result.unexpected_keys]
-
-
-def _align_keys(sliced: dict[str, Any], expected: list[str]) -> dict[str, Any]:
-    """Add or strip one leading component (``vision_model.``, ``model.``) so the keys match the module's."""
-    if not sliced:
-        return sliced
-    want = set(expected)
-    heads = {k.split(".", 1)[0] + "." for k in expected if "." in k} | {"vision_model.", "model.", "encoder."}
-    candidates = [sliced]
-    for head in heads:
-        candidates.append({head + k: v for k, v in sliced.items()})
-        if all(k.startswith(head) for k in sliced):
-            candidates.append({k[len(head):]: v for k, v in sliced.items()})
-    return max(candidates, key=lambda c: len(want.intersection(c)))
-
-
-# ------------------------------------------------------------------------------------------- helpers
-def _find_prefix(keys: list[str], prefixes: tuple[str, ...]) -> str | None:
-    return next((p for p in prefixes if any(k.startswith(p) for k in keys)), None)
-
-
-def _find_key(tree: Any, names: tuple[str, ...]) -> Any:
-    """The value of the first of ``names`` found breadth-first in nested mappings (None if absent)."""
-    level = [tree]
-    while level:
-        for node in level:
-            if isinstance(node, Mapping):
-                for name in names:
-                    if node.get(name) is not None:
-                        return node[name]
-        level = [v for node in level if isinstance(node, Mapping) for v in node.values() if isinstance(v, Mapping)]
-    return None
-
-
-def _plain_dict(value: Any) -> dict[str, Any]:
-    return {str(k): v for k, v in value.items()} if isinstance(value, Mapping) else {}
-
-
-def _config_model(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The LightningCLI ``model:`` section (``class_path`` / ``init_args``) or the config itself."""
-    section = config.get("model")
-    return section if isinstance(section, Mapping) and "class_path" in section else config
-
-
-def _config_class(config: Mapping[str, Any]) -> Any:
-    section = _config_model(config)
-    return section.get("class_path") if section is not config else config.get("class_path", config.get("module"))
-
-
-def _config_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
-    out = _plain_dict(_config_model(config).get("init_args"))
-    for name in ("vision_name", "resampler_type", "latent_dimension", "resampler_depth", "vision_overrides"):
-        value = _find_key(config, (name,))
-        if value is not None:
-            out[name] = value
-    return out
-
-
-def _merge(first: Mapping[str, Any], fallback: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(first)
-    for key, value in fallback.items():
-        if merged.get(key) is None:
-            merged[key] = value
-    return merged
-
-
-def _geometry(*sources: Any) -> dict[str, Any]:
-    """``crop_strategy``, ``image_size`` and ``crop_options`` from the first source that has each."""
-    out: dict[str, Any] = {}
-    options: dict[str, Any] = {}
-    for src in sources:
-        if not isinstance(src, Mapping):
-            continue
-        for name in ("crop_strategy", "image_size"):
-            value = _find_key(src, (name,))
-            if name not in out and value is not None:
-                out[name] = value
-        nested = _find_key(src, ("crop_options",))
-        for key, value in (_plain_dict(nested)).items():
-            options.setdefault(key, value)
-        for key, names in _GEOMETRY_KEYS.items():
-            value = _find_key(src, names)
-            if value is not None:
-                options.setdefault(key, value)
-    if isinstance(out.get("image_size"), list | tuple):
-        out["image_size"] = out["image_size"][0]
-    if options:
-        out["crop_options"] = options
-    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from panoviz_callback import _pca_fit, pca
+from panoviz_callback import _pca_fit
 from panoviz_callback.pca import PCAState, fit_pca, pca_rgb
 
 MODES = ("threshold", "remove_first_pc", "outlier_removal", "none")

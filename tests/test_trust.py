@@ -259,7 +259,7 @@ def test_sigterm_finishes_or_rolls_back_and_leaves_no_staging(vlm, tmp_path):
     panos = [tiny.write_panorama(tmp_path / "in" / f"room{i}.png", seed=i) for i in range(3)]
     out = tmp_path / "out"
     script = tmp_path / "slow.py"
-    script.write_text(textwrap.dedent(f'''
+    script.write_text(textwrap.dedent('''
         import sys, time
         import panoviz_callback.report as report
         original = report.write_reports

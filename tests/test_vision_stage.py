@@ -7,13 +7,12 @@ import torch
 
 import _tiny_module as tiny
 from panoviz_callback.checkpoint import (
-    CheckpointError,
     ModelSpecError,
     WeightsError,
     read_checkpoint,
 )
 from panoviz_callback.features import extract_features
-from panoviz_callback.vision_stage import build_model, describe_model, load_model
+from panoviz_callback.vision_stage import build_model, describe_model
 
 _PIXELS = torch.rand(2, 3, tiny.SIZE, tiny.SIZE, generator=torch.Generator().manual_seed(0))
 

@@ -93,7 +93,7 @@ def read_settings(ckpt: Mapping[str, Any], layout: Layout, config: Mapping[str, 
     ``config``; ``config`` may be a CORA config (``models:``/``image_processing:``) or a
     ``panovlm`` one (``models:``/``data:``/``image_processing:``), looked up at any depth.
     """
-    from panoviz_callback.vision_stage import _find_key
+    from panoviz_callback._hparams import _find_key
 
     hparams = dict(ckpt.get("hyper_parameters") or {}) if isinstance(ckpt.get("hyper_parameters"), Mapping) else {}
     settings: dict[str, Any] = {}

@@ -115,7 +115,8 @@ def build(spec: Any, state_dict: Mapping[str, Any], *, strict: bool, device: Any
         ModelSpecError: the parts cannot be built (unknown resampler type, uncached ``vision_name``).
         WeightsError: a weight is missing or has the wrong shape.
     """
-    from panoviz_callback.vision_stage import CheckpointModel, LoadReport, _load_part, finish_load
+    from panoviz_callback.vision_stage import CheckpointModel
+    from panoviz_callback.weights import LoadReport, finish_load, load_part as _load_part
 
     h, prefixes = spec.hparams, dict(spec.prefixes)
     has_encoder = any(str(k).startswith(prefixes["encoder"]) for k in state_dict)
