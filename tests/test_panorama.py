@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile
 
-from panoviz_callback.panorama import (
+from panoviz_callback.panorama import PanoramaError, load_panorama, synthetic_panorama
+from panoviz_callback.synthetic import (
     _BACK,
     _CEILING,
     _FLOOR,
@@ -27,14 +28,11 @@ from panoviz_callback.panorama import (
     _ROOM_HI,
     _ROOM_LO,
     _WALL_COLORS,
-    PanoramaError,
     _pixel_regions,
     _ray_grid,
     _render_scene,
     _scene_objects,
     _shade_object,
-    load_panorama,
-    synthetic_panorama,
 )
 
 SHARED_PANORAMA = Path("/work/shared/panoramas/2094501355_045ede6d89_k.jpg")
