@@ -46,11 +46,15 @@ from panoviz_callback.checkpoint import (
     ModelSpecError,
     _first_line,
     _warn,
+    check_limit,
     load_config,
     read_checkpoint,
 )
-
-from panoviz_callback.described import build_described, describe_parts  # noqa: E402
+from panoviz_callback.described import (  # noqa: E402
+    build_described,
+    check_model_config,
+    describe_parts,
+)
 from panoviz_callback.weights import LoadReport, _load_part, finish_load  # noqa: E402
 
 __all__ = [
@@ -58,8 +62,13 @@ __all__ = [
     "load_vision_stage", "describe_parts", "PANOLLAVA_ENCODER_PREFIXES", "PANOLLAVA_RESAMPLER_PREFIXES",
 ]
 
-from panoviz_callback.panollava.layouts import ENCODER_PREFIXES as PANOLLAVA_ENCODER_PREFIXES  # noqa: E402
-from panoviz_callback.panollava.layouts import RESAMPLER_PREFIXES as PANOLLAVA_RESAMPLER_PREFIXES  # noqa: E402
+from panoviz_callback.panollava.layouts import (
+    ENCODER_PREFIXES as PANOLLAVA_ENCODER_PREFIXES,  # noqa: E402
+)
+from panoviz_callback.panollava.layouts import (
+    RESAMPLER_PREFIXES as PANOLLAVA_RESAMPLER_PREFIXES,  # noqa: E402
+)
+
 _PANOVIZ_PREFIXES = ("vision_encoder.", "resampler.")
 _CALLBACK_KEY = "PanoVizCallback"
 _NO_DESCRIPTION = ("this checkpoint holds no model configuration; pass --config path/to/config.yaml or "
@@ -166,6 +175,11 @@ def describe_model(
             raise ModelSpecError(f"{config_name}: `class_path` must be a string 'pkg.mod:Class', got {class_path!r}")
         cls = _import_class(class_path if module else _LIGHTNING_FREE.get(class_path, class_path), origin,
                             allowed=bool(module) or trust)
+        if not module and not trust and not hasattr(cls, "build_vision_stage") \
+                and not any(c.__name__ == "LightningModule" for c in cls.__mro__):
+            raise ModelSpecError(f"{origin} names `{class_path}`, which is not a LightningModule or vision-stage "
+                                 f"builder; rerun with --module {class_path} if you mean it")
+        _check_stage_sizes(hparams, origin if module else "the checkpoint's hyper_parameters")
 
     if cls is not None:
         enc_path = encoder or (state or {}).get("encoder_path")
@@ -185,6 +199,7 @@ def describe_model(
 
     if _find_prefix(keys, _PANOVIZ_PREFIXES[:1]) is not None and ("vision_name" in hparams or config):
         _require(hparams, ("vision_name",), bool(config), config_name, "this checkpoint")
+        _check_stage_sizes(hparams, "the checkpoint's hyper_parameters")
         from panoviz_callback.models.stage import PanoVisionStage
 
         prefixes = {"encoder": _PANOVIZ_PREFIXES[0],
@@ -196,6 +211,23 @@ def describe_model(
                              "and the checkpoint's weights are in no known layout (model.vision_encoder.*, "
                              "vision_encoder.*); pass --module pkg.mod:Class")
     raise ModelSpecError(_NO_DESCRIPTION)
+
+
+_STAGE_SIZES = (("latent_dimension", "hidden size"), ("num_queries", "num_queries"),
+                ("resampler_depth", "number of layers"), ("resampler_heads", "attention heads"),
+                ("projector_dim", "hidden size"), ("image_size", "image_size"))
+
+
+def _check_stage_sizes(hparams: Mapping[str, Any], source: str) -> None:
+    """Sizes a vision-stage builder takes from ``hparams`` are capped before anything is built."""
+    for key, limit in _STAGE_SIZES:
+        if hparams.get(key) is not None and not isinstance(hparams[key], list | tuple):
+            check_limit(hparams[key], limit, f"{source} ({key})")
+    overrides = hparams.get("vision_overrides")
+    if isinstance(overrides, Mapping):
+        check_model_config(overrides, f"{source} (vision_overrides)")
+    if isinstance(hparams.get("vision_name"), Mapping):
+        check_model_config(hparams["vision_name"], f"{source} (vision_name)")
 
 
 def _inside_package(class_path: str) -> bool:

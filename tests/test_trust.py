@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import _tiny_module as tiny
+from panoviz_callback.checkpoint import ModelSpecError
 from panoviz_callback.cli import main
 
 _TESTS = Path(__file__).resolve().parent
@@ -284,3 +285,33 @@ def test_sigterm_finishes_or_rolls_back_and_leaves_no_staging(vlm, tmp_path):
     assert not list(out.rglob(".panoviz-*"))
     for folder in out.iterdir():  # every image folder that exists is complete
         assert len(list(folder.iterdir())) == 5, folder
+
+
+def test_sizes_from_hyper_parameters_are_capped(tmp_path, capsys):
+    from panoviz_callback.checkpoint import read_checkpoint
+    from panoviz_callback.vision_stage import describe_model
+
+    path = tmp_path / "big" / "last.ckpt"
+    path.parent.mkdir()
+    torch.save({"state_dict": {"vision_encoder.embeddings.patch_embedding.weight": torch.zeros(1)},
+                "hyper_parameters": {"vision_name": "tiny", "latent_dimension": 10**7}}, path)
+    with pytest.raises(ModelSpecError, match=r"latent_dimension\): hidden size 10000000 is outside the supported range"):
+        describe_model(read_checkpoint(path))
+    code, _, err = _run(capsys, "--checkpoint", path, "--image", tiny.write_panorama(tmp_path / "p.png"),
+                        "--output_dir", tmp_path / "out")
+    assert code == 2 and not (tmp_path / "out").exists()
+    _one_error(err, "hidden size 10000000 is outside the supported range")
+
+
+def test_recorded_package_class_must_be_a_model(tmp_path, capsys):
+    path, _ = tiny.module_checkpoint(tmp_path / "r" / "last.ckpt")
+    raw = torch.load(path, weights_only=True)
+    raw["callbacks"] = {"PanoVizCallback{}": {"settings": {}, "module_class":
+                                              "panoviz_callback.models.resamplers:MLPResampler",
+                                              "encoder_path": "x", "resampler_path": None}}
+    raw["hyper_parameters"] = {"in_dim": 10**6, "out_dim": 10**6}
+    torch.save(raw, path)
+    code, _, err = _run(capsys, "--checkpoint", path, "--image", tiny.write_panorama(tmp_path / "p.png"),
+                        "--output_dir", tmp_path / "out")
+    assert code == 2
+    _one_error(err, "is not a LightningModule or vision-stage builder")
