@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from panoviz_callback.lookup import _get_path
+
 __all__ = ["LiveStage", "find_live_stage"]
 
 _CANDIDATES = (  # revision, encoder, norm, resampler (attribute paths)
@@ -34,15 +36,6 @@ class LiveStage:
         self.revision, self.encoder, self.resampler, self.paths = revision, encoder, resampler, paths
 
 
-def _get(root: Any, path: str) -> Any:
-    obj = root
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def _is_hf_vision(module: Any) -> bool:
     config = getattr(module, "config", None)
     return isinstance(module, nn.Module) and getattr(config, "model_type", None) is not None \
@@ -54,10 +47,10 @@ def find_live_stage(root: nn.Module) -> LiveStage | None:
     from panoviz_callback.panollava.stage import PanoLLaVAResampler, _num_prefix_tokens
 
     for revision, enc_path, norm_path, res_path in _CANDIDATES:
-        encoder, norm = _get(root, enc_path), _get(root, norm_path)
+        encoder, norm = _get_path(root, enc_path), _get_path(root, norm_path)
         if not _is_hf_vision(encoder) or not isinstance(norm, nn.LayerNorm | nn.Identity):
             continue
-        inner = _get(root, res_path)
+        inner = _get_path(root, res_path)
         if not isinstance(inner, nn.Module):
             return LiveStage(revision, encoder, None, {"encoder": enc_path, "resampler": None})
         resampler = PanoLLaVAResampler(inner, norm, _num_prefix_tokens(encoder))

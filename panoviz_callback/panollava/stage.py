@@ -116,7 +116,8 @@ def build(spec: Any, state_dict: Mapping[str, Any], *, strict: bool, device: Any
         WeightsError: a weight is missing or has the wrong shape.
     """
     from panoviz_callback.vision_stage import CheckpointModel
-    from panoviz_callback.weights import LoadReport, finish_load, load_part as _load_part
+    from panoviz_callback.weights import LoadReport, finish_load
+    from panoviz_callback.weights import load_part as _load_part
 
     h, prefixes = spec.hparams, dict(spec.prefixes)
     has_encoder = any(str(k).startswith(prefixes["encoder"]) for k in state_dict)

@@ -21,7 +21,11 @@ from torch import Tensor, nn
 from panoviz_callback.panollava.resamplers._base import PanoResampler
 from panoviz_callback.panollava.resamplers._config import _options
 from panoviz_callback.panollava.resamplers._infer import _infer, _is_mlp_fallback
-from panoviz_callback.panollava.resamplers.bimamba import BiMambaResampler, MambaMixer, selective_scan
+from panoviz_callback.panollava.resamplers.bimamba import (
+    BiMambaResampler,
+    MambaMixer,
+    selective_scan,
+)
 from panoviz_callback.panollava.resamplers.c_abstractor import CAbstractorResampler
 from panoviz_callback.panollava.resamplers.mlp import MLPResampler
 from panoviz_callback.panollava.resamplers.perceiver import PerceiverResampler

@@ -7,7 +7,11 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panoviz_callback.panollava.resamplers._base import PanoResampler, _aligned, _factor_grid
+from panoviz_callback.panollava.resamplers._base import (
+    PanoResampler,
+    _aligned,
+    _factor_grid,
+)
 
 __all__ = ["CAbstractorResampler", "SpatialBlock"]
 

@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from panoviz_callback.encoders import _quiet_transformers
 from panoviz_callback.panollava.resamplers._base import PanoResampler
 
 __all__ = ["QFormerResampler"]
 
 # Buffers that transformers < 4.31 saved with BERT's weights; today they are not persistent.
 _LEGACY_BUFFERS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 class QFormerResampler(PanoResampler):
