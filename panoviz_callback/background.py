@@ -10,9 +10,11 @@ Three tests, each on the tokens of all views at once, in torch on the tokens' de
   clipped) and thresholded, but only when its scores are clearly bimodal. The rule: a
   two-component 1-D Gaussian mixture is fitted by EM to the scores clipped to their 1st..99th
   percentiles (so a few extreme tokens cannot claim a component); the scores are bimodal when
-  Ashman's separation ``D = sqrt(2) |mu_1 - mu_2| / sqrt(s_1^2 + s_2^2)`` exceeds 2 and the
-  smaller component holds at least 5% of the tokens. Otherwise every token is kept and the
-  state's ``note`` says so.
+  Ashman's separation ``D = sqrt(2) |mu_1 - mu_2| / sqrt(s_1^2 + s_2^2)`` exceeds 2, the
+  smaller component holds at least 5% of the tokens, and the data really dip between the two
+  means: a window of a quarter of their distance at the midpoint holds fewer than half the
+  tokens of the same window at either mean (a flat, uniform spread has D near 3 but no dip).
+  Otherwise every token is kept and the state's ``note`` says so.
 - ``outlier_removal``: a robust squared Mahalanobis distance on the coordinates along the top
   16 principal directions, with a location and scatter from deterministic concentration steps
   (the minimum-covariance-determinant idea: the half of the tokens with the smallest distances,
@@ -38,8 +40,10 @@ __all__ = ["padding_tokens"]
 
 _CLIP = (0.01, 0.99)          # the mixture is fitted to the PC1 scores clipped to these quantiles
 _SCALE = (0.02, 0.98)         # robust PC1 scaling: these quantiles map to 0 and 1
-_EM_STEPS = 100
+_EM_STEPS = 40
+_EM_TOL = 1e-4  # EM stops when the means move less than this share of the clipped range (D moves < 0.02)
 _ASHMAN_MIN = 2.0             # bimodal: Ashman's D > 2 ...
+_VALLEY_MAX = 0.5             # ... and the midpoint between the modes at most half as dense as either mode
 _MIN_WEIGHT = 0.05            # ... and the smaller mode holds >= 5% of the tokens
 _OUTLIER_DIMS = 16
 _OUTLIER_ITERS = 4            # float32 Krylov steps on 16 + 4 vectors: the approximate top-16 directions
@@ -90,8 +94,10 @@ def _quantiles(x: Tensor, qs: tuple[float, ...]) -> Tensor:
     return torch.quantile(x, torch.tensor(qs, dtype=x.dtype, device=x.device))
 
 
-def _ashman_d(score: Tensor) -> tuple[float, float]:
-    """Ashman's D and the smaller weight of a 2-component Gaussian mixture fitted by EM to ``score (M,)``."""
+def _ashman_d(score: Tensor) -> tuple[float, float, float]:
+    """Ashman's D, the smaller weight of a 2-component Gaussian mixture fitted by EM to ``score (M,)``, and the
+    valley ratio: tokens within a window at the midpoint of the two means over the fewer of those in the same
+    window at either mean (about 1 for a flat, unimodal spread; near 0 with a real gap)."""
     lo, hi = _quantiles(score, _CLIP)
     s = score.double().clamp(float(lo), float(hi))
     q1, q3 = _quantiles(s, (0.25, 0.75))
@@ -105,12 +111,15 @@ def _ashman_d(score: Tensor) -> tuple[float, float]:
         weight = nk / len(s)
         mu_new = (resp * s[:, None]).sum(0) / nk
         var = ((resp * (s[:, None] - mu_new).square()).sum(0) / nk).clamp_min(s.var() * 1e-6 + 1e-30)
-        if bool((mu_new - mu).abs().max() <= 1e-9 * (hi - lo).abs().clamp_min(1e-30)):
+        if bool((mu_new - mu).abs().max() <= _EM_TOL * (hi - lo).abs().clamp_min(1e-30)):
             mu = mu_new
             break
         mu = mu_new
     d = float(2**0.5 * (mu[0] - mu[1]).abs() / var.sum().sqrt())
-    return d, float(weight.min())
+    half = (mu[0] - mu[1]).abs() / 8  # window half-width
+    counts = [float(((s - c).abs() <= half).sum()) for c in (mu[0], mu.mean(), mu[1])]
+    valley = counts[1] / max(min(counts[0], counts[2]), 1.0)
+    return d, float(weight.min()), valley
 
 
 def _background_low(xc: Tensor, direction: Tensor, score: Tensor) -> Tensor:
@@ -144,11 +153,12 @@ def _threshold_foreground(mom: _Moments, k: int, threshold: float, prev_directio
     lo, hi = _quantiles(score, _SCALE)
     if not bool(hi > lo):
         return keep_all, direction, "bg_removal='threshold': the first component is flat; kept every token."
-    d, small = _ashman_d(score)
-    if not (d > _ASHMAN_MIN and small >= _MIN_WEIGHT):
+    d, small, valley = _ashman_d(score)
+    if not (d > _ASHMAN_MIN and small >= _MIN_WEIGHT and valley < _VALLEY_MAX):
         return keep_all, direction, (
             f"bg_removal='threshold': the first component is not bimodal (Ashman's D = {d:.2f}, smaller mode "
-            f"{small:.1%}; masking needs D > {_ASHMAN_MIN:g} and >= {_MIN_WEIGHT:.0%}); kept every token.")
+            f"{small:.1%}, valley ratio {valley:.2f}; masking needs D > {_ASHMAN_MIN:g}, >= {_MIN_WEIGHT:.0%} and "
+            f"a valley below {_VALLEY_MAX:g}); kept every token.")
     unit = ((score - lo) / (hi - lo)).clamp(0.0, 1.0)
     fg = unit >= threshold
     n_fg = int(fg.sum())

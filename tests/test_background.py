@@ -101,3 +101,20 @@ def test_threshold_bimodality_rule_is_reported() -> None:
     assert state.note is None and 0.4 < fg.float().mean() < 0.6
     _, fg, state = pca_rgb(near[None], (1, 600))
     assert fg.all() and "Ashman's D" in state.note
+
+
+def test_flat_spread_is_not_bimodal():
+    """A uniform PC1 has Ashman's D near 3 but no dip between its halves: nothing is masked."""
+    from panoviz_callback.background import _ashman_d
+
+    torch.manual_seed(0)
+    flat = torch.rand(1568)
+    d, small, valley = _ashman_d(flat)
+    assert d > 2 and small > 0.4 and valley > 0.8
+    two = torch.cat([torch.randn(1000), torch.randn(500) + 6])
+    d, small, valley = _ashman_d(two)
+    assert d > 2 and valley < 0.1
+    feats = torch.randn(2, 16, 4) * 0.01
+    feats[..., 0] += torch.rand(2, 16)  # PC1 spreads evenly
+    _, fg, state = pca_rgb(feats, (4, 4), bg_removal="threshold")
+    assert bool(fg.all()) and "not bimodal" in state.note and "valley ratio" in state.note
