@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_text", "safe_name"]
+
+
+def safe_name(text: str, fallback: str = "x") -> str:
+    """A file/folder name: separators and odd characters become ``_``, no leading dots, at most 120 characters.
+
+    Example:
+        >>> safe_name("../a b"), safe_name("..", "image")
+        ('_a_b', 'image')
+    """
+    out = re.sub(r"[^\w.=+@-]", "_", text).lstrip(".").rstrip(". ")
+    return out[:120] or fallback
 
 
 @contextlib.contextmanager

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from panoviz_callback._io import safe_name as _safe_name
+
 __all__ = [
     "CheckpointError", "ModelSpecError", "WeightsError", "LIMITS", "check_limit",
     "read_checkpoint", "load_config", "checkpoint_name", "run_name",
@@ -103,12 +105,6 @@ def _run_folder(p: Path) -> str | None:
         elif name.lower() not in _GENERIC_DIRS:
             return f"{name}-{version}" if version else name
     return version
-
-
-def _safe_name(text: str) -> str:
-    """A file/folder name: separators and odd characters become ``_``, no leading dots."""
-    out = re.sub(r"[^\w.=+@-]", "_", text).lstrip(".").rstrip(". ")
-    return out[:120] or "x"
 
 
 def checkpoint_name(path: str | os.PathLike) -> str:

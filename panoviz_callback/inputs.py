@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from panoviz_callback._io import safe_name
 from panoviz_callback.panorama import IMAGE_SUFFIXES
 
 __all__ = ["UsageError", "ImageSource", "resolve_images", "image_names", "callback_probe", "check_output_dir",
@@ -74,9 +74,7 @@ def resolve_images(patterns: Sequence[str]) -> list[ImageSource]:
 
 
 def _safe_name(text: str) -> str:
-    """A file/folder name: separators and odd characters become ``_``, no leading dots, never empty."""
-    out = re.sub(r"[^\w.=+@-]", "_", text).lstrip(".").rstrip(". ")
-    return out[:120] or "image"
+    return safe_name(text, "image")
 
 
 def image_names(paths: Sequence[Path]) -> list[str]:

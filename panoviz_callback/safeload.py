@@ -18,12 +18,10 @@ code, so the reader refuses such a checkpoint unless the user trusts it.
 from __future__ import annotations
 
 import _compat_pickle
-import io
 import pickle
 import posixpath
 import types
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -200,13 +198,9 @@ def _load(file: Any, **kwargs: Any) -> Any:
     return _Unpickler(file, **kwargs).load()
 
 
-def _loads(data: bytes, **kwargs: Any) -> Any:
-    return _Unpickler(io.BytesIO(data), **kwargs).load()
-
-
 #: A module object usable as torch.load's ``pickle_module``: only ``Unpickler``/``load`` differ from pickle.
 _pickle_module = types.ModuleType("panoviz_safe_pickle")
-_pickle_module.__dict__.update(Unpickler=_Unpickler, load=_load, loads=_loads,
+_pickle_module.__dict__.update(Unpickler=_Unpickler, load=_load,
                                UnpicklingError=pickle.UnpicklingError, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
 
 
@@ -220,12 +214,6 @@ def safe_torch_load(path: Any, *, mmap: bool = False) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- reading records
-@dataclass(frozen=True)
-class _Found:
-    where: str
-    record: InertObject
-
-
 def inert_records(obj: Any, where: str = "") -> Iterator[tuple[str, InertObject]]:
     """Every :class:`InertObject` inside ``obj`` with its location (``hyper_parameters.config``), depth-first."""
     stack: list[tuple[str, Any, int]] = [(where, obj, 0)]

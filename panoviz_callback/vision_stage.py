@@ -59,15 +59,9 @@ from panoviz_callback.weights import LoadReport, _load_part, finish_load  # noqa
 
 __all__ = [
     "ModelSpec", "LoadReport", "CheckpointModel", "describe_model", "build_model", "load_model",
-    "load_vision_stage", "describe_parts", "PANOLLAVA_ENCODER_PREFIXES", "PANOLLAVA_RESAMPLER_PREFIXES",
+    "load_vision_stage", "describe_parts",
 ]
 
-from panoviz_callback.panollava.layouts import (
-    ENCODER_PREFIXES as PANOLLAVA_ENCODER_PREFIXES,  # noqa: E402
-)
-from panoviz_callback.panollava.layouts import (
-    RESAMPLER_PREFIXES as PANOLLAVA_RESAMPLER_PREFIXES,  # noqa: E402
-)
 
 _PANOVIZ_PREFIXES = ("vision_encoder.", "resampler.")
 _CALLBACK_KEY = "PanoVizCallback"

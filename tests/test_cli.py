@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 import _tiny_module as tiny
+from _cli_helpers import _one_error, _run
 from panoviz_callback import __version__
-from panoviz_callback.cli import _main_parser, main
+from panoviz_callback.cli import _main_parser
 
 _TESTS = Path(__file__).resolve().parent
 _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -34,20 +35,6 @@ def ckpt(tmp_path_factory, folder):
 @pytest.fixture(scope="module")
 def pano(tmp_path_factory):
     return tiny.write_panorama(tmp_path_factory.mktemp("pano") / "room.png", seed=3)
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error(err: str, match: str) -> None:
-    """Exactly one problem line on stderr, containing ``match``, and no traceback."""
-    errors = [line for line in err.splitlines() if line.startswith("panoviz: error:")]
-    assert len(errors) == 1, err
-    assert match in errors[0], errors[0]
-    assert "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------- flags

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import _tiny_module as tiny
+from _cli_helpers import _one_error, _run
 from panoviz_callback.checkpoint import ModelSpecError
-from panoviz_callback.cli import main
 
 _TESTS = Path(__file__).resolve().parent
 _ROOT = _TESTS.parent
@@ -54,19 +54,6 @@ _USER_MODULE = textwrap.dedent('''
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 ''')
-
-
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _one_error(err: str, match: str) -> None:
-    errors = [line for line in err.splitlines() if line.startswith("panoviz: error:")]
-    assert len(errors) == 1, err
-    assert match in errors[0], errors[0]
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,11 @@ Modules:
 """
 
 from panoviz_callback.panollava.layouts import (
-    ENCODER_PREFIXES,
     LAYOUTS,
-    RESAMPLER_PREFIXES,
     Layout,
     detect_layout,
     read_settings,
 )
 from panoviz_callback.panollava.stage import PanoLLaVAResampler, build, describe
 
-__all__ = ["ENCODER_PREFIXES", "LAYOUTS", "RESAMPLER_PREFIXES", "Layout", "PanoLLaVAResampler", "build", "describe",
-           "detect_layout", "read_settings"]
+__all__ = ["LAYOUTS", "Layout", "PanoLLaVAResampler", "build", "describe", "detect_layout", "read_settings"]

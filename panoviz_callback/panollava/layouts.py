@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Layout", "LAYOUTS", "ENCODER_PREFIXES", "RESAMPLER_PREFIXES", "detect_layout", "read_settings"]
+__all__ = ["Layout", "LAYOUTS", "detect_layout", "read_settings"]
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,6 @@ LAYOUTS: dict[str, Layout] = {
                       ("model.resampler_module.resampler.",)),
     "7227614": Layout("7227614", "model.vision_encoder.", "model.vicreg_norm.", ("model.resampler.",)),
 }
-ENCODER_PREFIXES = ("model.vision_encoder.", "model.vision_backbone.encoder.")
-RESAMPLER_PREFIXES = ("model.resampler_module.resampler.", "model.resampler.")
 # the HF vision transformer's own top-level modules, to tell ``vision_encoder.encoder.embeddings`` (head)
 # from ``vision_encoder.embeddings`` (7227614, whose transformer also has an ``encoder`` submodule)
 _HF_HEADS = ("embeddings.", "vision_model.", "post_layernorm.", "pre_layrnorm.", "layernorm.", "head.")

@@ -184,12 +184,12 @@ def _resampler(h: Mapping[str, Any], vision_dim: int, weights: Mapping[str, Tens
 
 
 def _hidden_size(encoder: nn.Module) -> int:
-    cfg = getattr(encoder, "config", None)
-    cfg = getattr(cfg, "vision_config", None) or cfg
-    size = getattr(cfg, "hidden_size", None)
-    if size is None:
-        raise ModelSpecError("cannot read the encoder's hidden size from its config (`config.hidden_size`)")
-    return int(size)
+    from panoviz_callback.models.stage import encoder_hidden_size
+
+    try:
+        return encoder_hidden_size(encoder)
+    except ValueError as err:
+        raise ModelSpecError(_first_line(err)) from None
 
 
 def _num_prefix_tokens(encoder: nn.Module) -> int:
